@@ -1,0 +1,75 @@
+"""Differentiable E-layers for calibration (torch).
+
+Codes are fixed integer buffers; the codebook is a ``torch.nn.Parameter`` that several layers
+(of several models) may share. Decoding is a gather, so the gradient that reaches a codebook
+row is the sum over every weight slot that uses it (NeuralMerger eq. 11).
+
+Conventions (docs/format.md): a codebook is ``[K, r]`` with the codewords of all segments
+stacked; segment ``v`` of a layer uses rows ``offsets[v] .. offsets[v] + C_v``. Conv codes are
+``[p, kh, kw, rho]``, FC codes ``[n_out, rho]``; decoded vectors are cut back to ``depth``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def decode_weight(codebook: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor, depth: int) -> torch.Tensor:
+    """Gather codewords: codes ``[..., rho]`` -> weights ``[..., depth]`` (float32)."""
+    idx = codes.long() + offsets.long()
+    vec = codebook.float()[idx]  # [..., rho, r]
+    return vec.reshape(*vec.shape[:-2], -1)[..., :depth]
+
+
+class EConv2d(nn.Module):
+    """Jointly-encoded 2-D convolution (ONNX ``ai.neuralmerge::EConv``).
+
+    ``pads`` follows ONNX: ``[top, left, bottom, right]``.
+    """
+
+    def __init__(self, codebook: nn.Parameter, codes: torch.Tensor, offsets: torch.Tensor, depth: int,
+                 bias: nn.Parameter, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1):
+        super().__init__()
+        self.codebook = codebook
+        self.bias = bias
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("offsets", offsets.long(), persistent=False)
+        self.depth = int(depth)
+        self.strides = tuple(int(s) for s in strides)
+        self.pads = tuple(int(p) for p in pads)
+        self.dilations = tuple(int(d) for d in dilations)
+        self.group = int(group)
+
+    def weight(self) -> torch.Tensor:
+        """Decoded dense weight ``[p, depth, kh, kw]``."""
+        return decode_weight(self.codebook, self.codes, self.offsets, self.depth).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, left, bottom, right = self.pads
+        if top == bottom and left == right:
+            padding = (top, left)
+        else:  # torch pads symmetrically only: pad explicitly for asymmetric ONNX pads
+            x = F.pad(x, (left, right, top, bottom))
+            padding = (0, 0)
+        return F.conv2d(x, self.weight(), self.bias, self.strides, padding, self.dilations, self.group)
+
+
+class ELinear(nn.Module):
+    """Jointly-encoded fully-connected layer (ONNX ``ai.neuralmerge::EGemm``): ``y = x W^T + b``."""
+
+    def __init__(self, codebook: nn.Parameter, codes: torch.Tensor, offsets: torch.Tensor, depth: int,
+                 bias: nn.Parameter):
+        super().__init__()
+        self.codebook = codebook
+        self.bias = bias
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("offsets", offsets.long(), persistent=False)
+        self.depth = int(depth)
+
+    def weight(self) -> torch.Tensor:
+        """Decoded dense weight ``[n_out, depth]``."""
+        return decode_weight(self.codebook, self.codes, self.offsets, self.depth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.weight().t()) + self.bias

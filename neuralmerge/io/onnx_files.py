@@ -1,0 +1,68 @@
+"""Reading ONNX files safely and writing outputs atomically."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from ..errors import ModelLoadError, NeuralMergeError
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and check one ONNX file; any problem is a one-line ``ModelLoadError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"model file is empty: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ...: all mean the same to a user
+        raise ModelLoadError(f"cannot parse ONNX file {path} (truncated or corrupt): {_first_line(exc)}") from exc
+    if not model.graph.node:
+        raise ModelLoadError(f"{path} is not a valid ONNX model (it has no graph nodes; truncated or corrupt?)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a valid ONNX model: {_first_line(exc)}") from exc
+    return model
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False) -> int:
+    """Write ``model`` to ``path`` through a temporary file in the same folder; returns the byte size."""
+    data = model.SerializeToString()
+    write_bytes_atomic(data, path, force=force)
+    return len(data)
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike, *, force: bool = False) -> None:
+    """Write bytes so that readers never see a half-written file (temp file, then rename)."""
+    path = Path(path)
+    check_output_path(path, force=force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_output_path(path: str | os.PathLike, *, force: bool) -> None:
+    """Refuse to overwrite without ``force`` and require an existing parent folder."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise NeuralMergeError(f"output {path} exists (use --force to overwrite)")
+    if path.is_dir():
+        raise NeuralMergeError(f"output {path} is a directory")
+    if not path.parent.exists():
+        raise NeuralMergeError(f"output folder {path.parent} does not exist")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
