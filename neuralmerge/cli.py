@@ -1,0 +1,192 @@
+"""The ``neuralmerge`` command line (click).
+
+Every command turns a ``NeuralMergeError`` into one line on stderr and exit status 1; any other
+exception is reported the same way (``internal error``) unless ``-v`` asks for the traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from . import __version__
+from .errors import ConfigError, NeuralMergeError
+
+
+def _user_errors(fn):
+    """Run a command; map failures to a one-line message and a non-zero exit."""
+    @functools.wraps(fn)
+    def wrapper(*args, verbose: bool = False, **kwargs):
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+        try:
+            return fn(*args, **kwargs)
+        except click.exceptions.Exit:
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except NeuralMergeError as exc:
+            if verbose:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except Exception as exc:  # noqa: BLE001 - the user gets one line; -v shows the traceback
+            if verbose:
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            click.echo(f"error: internal error: {type(exc).__name__}: {first} (run with -v for details)", err=True)
+            sys.exit(2)
+    return click.option("-v", "--verbose", is_flag=True, help="Show details and tracebacks.")(wrapper)
+
+
+def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """``NAME=1x3x224x224`` (repeatable) -> {name: shape}."""
+    shapes = {}
+    for value in values:
+        name, sep, dims = value.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or min(shape) < 1:
+            raise ConfigError(f"--input-shape {value!r}: expected NAME=DxDx... with positive integers, "
+                              "e.g. input=1x3x224x224")
+        shapes[name] = shape
+    return shapes
+
+
+_encoding_options = [
+    click.option("--preset", type=click.Choice(["accu", "light"]), default=None,
+                  help="Per-layer r/C rules after the paper's ACCU / LIGHT settings (default: accu)."),
+    click.option("--r", "r", type=int, default=None, help="Segment length r for every group (overrides the preset)."),
+    click.option("--codewords", type=int, default=None, help="Codewords C per segment for every group (1..65536)."),
+    click.option("--config", type=click.Path(dir_okay=False), default=None,
+                 help="YAML config: defaults {r, codewords}, layers {group: {r, codewords, skip}}, compress_heads."),
+    click.option("--compress-heads/--keep-heads", default=None,
+                 help="Also encode each model's final classification layer(s) (default: keep them dense)."),
+    click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3xHxW",
+                 help="Pin a dynamic input shape (repeatable; use the merged name, e.g. m1.x, where names collide)."),
+]
+
+
+def _add_options(options):
+    def decorator(fn):
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+    return decorator
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="neuralmerge")
+def main():
+    """Merge several trained CNNs (ONNX) into one compact model for CPU devices."""
+
+
+@main.command()
+@click.argument("models", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Merged ONNX file to write.")
+@_add_options(_encoding_options)
+@click.option("--codebook-dtype", type=click.Choice(["float32", "float16"]), default=None,
+              help="Storage type of the codebooks (default float32).")
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write a JSON report here.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for k-means and fidelity inputs.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@click.option("--quiet", is_flag=True, help="No progress bars or summary.")
+@_user_errors
+def merge(models, output, preset, r, codewords, config, compress_heads, input_shapes, codebook_dtype, report,
+          seed, force, quiet):
+    """Merge MODELS (ONNX files; one model = compression) into one ONNX file."""
+    from .pipeline import merge as run_merge
+
+    result = run_merge(list(models), output, config=config, preset=preset, r=r, codewords=codewords,
+                       codebook_dtype=codebook_dtype, compress_heads=compress_heads,
+                       input_shapes=parse_input_shapes(input_shapes), seed=seed, report=report, force=force,
+                       quiet=quiet)
+    if not quiet:
+        click.echo(format_summary(result.report))
+
+
+@main.command()
+@click.argument("models", nargs=-1, type=click.Path(dir_okay=False))
+@_add_options(_encoding_options)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_user_errors
+def inspect(models, preset, r, codewords, config, compress_heads, input_shapes, as_json):
+    """Print the mergeable layers of MODELS and the alignment plan."""
+    from .pipeline import plan as make_plan
+
+    p = make_plan(list(models), config=config, preset=preset, r=r, codewords=codewords,
+                  compress_heads=compress_heads, input_shapes=parse_input_shapes(input_shapes))
+    data = plan_to_dict(p)
+    click.echo(json.dumps(data, indent=2) if as_json else format_plan(data))
+
+
+@main.command()
+@click.option("--out", "out_dir", default="neuralmerge-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the trained models, the merged model and the reports.")
+@click.option("--preset", type=click.Choice(["accu", "light"]), default="accu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_user_errors
+def demo(out_dir, preset, seed, quiet):
+    """Train two small models offline (digits, synthetic sounds), merge them and report."""
+    from .demo import format_demo, run_demo
+
+    click.echo(format_demo(run_demo(out_dir, preset=preset, seed=seed, quiet=quiet)))
+    click.echo(f"files in {out_dir}/: digits.onnx, sound20.onnx, merged.onnx, report.json, demo.md")
+
+
+def plan_to_dict(p) -> dict:
+    return {
+        "models": [{"index": i, "path": p.sources[i], "layers": [
+            {"node": l.node, "op": l.op_type, "kind": l.kind, "shape": list(l.shape), "params": l.params,
+             "head": l.is_head} for l in p.layers[i]]} for i in range(len(p.models))],
+        "groups": [{"name": g.name, "kind": g.kind, "members": [f"m{m.model}.{m.node}" for m in g.members],
+                    "r": p.settings[g.name].r, "codewords": p.settings[g.name].codewords,
+                    "segments": p.group_segments(g)} for g in p.groups],
+        "dense": [f"m{l.model}.{l.node}" for l in p.dense],
+    }
+
+
+def format_plan(data: dict) -> str:
+    lines = []
+    for m in data["models"]:
+        lines.append(f"model m{m['index']}: {m['path']}  ({len(m['layers'])} mergeable layers)")
+        for l in m["layers"]:
+            shape = "x".join(map(str, l["shape"]))
+            lines.append(f"  {l['kind']:<4} {l['op']:<6} {l['node']:<32} {shape:<18} {l['params']:>10,} params"
+                         + ("  [head]" if l["head"] else ""))
+    lines.append("")
+    lines.append(f"plan ({len(data['groups'])} groups):")
+    lines.append(f"  {'group':<8} {'r':>3} {'C':>6} {'segs':>5}  members")
+    for g in data["groups"]:
+        lines.append(f"  {g['name']:<8} {g['r']:>3} {g['codewords']:>6} {g['segments']:>5}  {', '.join(g['members'])}")
+    if data["dense"]:
+        lines.append(f"  dense (not encoded): {', '.join(data['dense'])}")
+    return "\n".join(lines)
+
+
+def format_summary(rep: dict) -> str:
+    lines = [f"wrote {rep['output']}: {rep['output_bytes']:,} bytes, "
+             f"compression {rep['compression_ratio']:.2f}x over {rep['input_bytes']:,} input bytes "
+             f"(encoded in {rep['encode_seconds']:.1f} s)"]
+    for g in rep["groups"]:
+        lines.append(f"  {g['name']:<8} r={g['r']:<3} C={max(g['segment_codewords']):<5} "
+                     f"rel.err={g['relative_error']:.4f}  {', '.join(g['layers'])}")
+    for f in rep["fidelity"]:
+        agree = "n/a" if f["top1_agreement"] is None else f"{100 * f['top1_agreement']:.1f}%"
+        lines.append(f"  model m{f['model']}: top-1 agreement {agree}, max abs error {f['max_abs_error']:.3g} "
+                     f"on {f['samples']} samples")
+    return "\n".join(lines)
+
+
+def _register_optional_commands() -> None:
+    from .compose.cli_detection import aggregate_detections
+    main.add_command(aggregate_detections)
+
+
+_register_optional_commands()

@@ -1,0 +1,148 @@
+"""The command line: success paths and every bad input of the foundation issue.
+
+Each bad input must give one line on stderr starting with ``error:``, a non-zero exit, no
+traceback, and no output file.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from hetero_models import hetero_pair
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "neuralmerge", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return hetero_pair(tmp_path_factory.mktemp("pair"))
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_help_and_version():
+    proc = cli("--help")
+    assert proc.returncode == 0 and "merge" in proc.stdout and "inspect" in proc.stdout
+    assert cli("--version").stdout.strip().endswith("0.1.0")
+
+
+def test_merge_and_inspect(pair, tmp_path):
+    a, b = pair
+    out, rep = tmp_path / "merged.onnx", tmp_path / "report.json"
+    proc = cli("merge", a, b, "-o", out, "--preset", "light", "--report", rep, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and json.loads(rep.read_text())["compression_ratio"] > 1
+    proc = cli("inspect", a, b)
+    assert proc.returncode == 0, proc.stderr
+    assert "conv1" in proc.stdout and "fc1" in proc.stdout and "[head]" in proc.stdout
+    plan = json.loads(cli("inspect", a, b, "--json").stdout)
+    assert plan["groups"][0]["name"] == "conv1"
+
+
+def _write(model, path):
+    onnx.save(model, str(path))
+    return path
+
+
+def _tiny_model(op_type="Relu", domain="", weight=None):
+    w = weight if weight is not None else np.ones((4, 3, 3, 3), np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node(op_type, ["c"], ["y"], name="act", domain=domain)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [numpy_helper.from_array(w, "w")])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "garbage", "unsupported_op", "no_layers", "nan"])
+def test_bad_model_files(case, pair, tmp_path):
+    a, _ = pair
+    bad = tmp_path / f"{case}.onnx"
+    if case == "truncated":
+        bad.write_bytes(a.read_bytes()[: a.stat().st_size // 2])
+    elif case == "garbage":
+        bad.write_bytes(b"\x08\x07this is not onnx" * 10)
+    elif case == "unsupported_op":
+        _write(_tiny_model("FancyOp", domain="com.example"), bad)
+    elif case == "no_layers":
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="r")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+        _write(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), bad)
+    elif case == "nan":
+        w = np.ones((4, 3, 3, 3), np.float32)
+        w[1, 2, 0, 0] = np.nan
+        _write(_tiny_model(weight=w), bad)
+    out = tmp_path / "out.onnx"
+    proc = cli("merge", a, bad, "-o", out)
+    expected = {"missing": "not found", "truncated": "corrupt", "garbage": "", "unsupported_op": "FancyOp",
+                "no_layers": "no mergeable layers", "nan": "NaN"}[case]
+    assert_one_line_error(proc, expected)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.onnx*"))
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--r", "0"], "r must be a positive integer"),
+    (["--r", "-3"], "r must be a positive integer"),
+    (["--codewords", "0"], "codewords"),
+    (["--codewords", "70000"], "codewords"),
+    (["--input-shape", "nosuch=1x3x4x4"], "nosuch"),
+    (["--input-shape", "image=1xax4"], "--input-shape"),
+])
+def test_bad_flags(args, fragment, pair, tmp_path):
+    a, b = pair
+    out = tmp_path / "out.onnx"
+    assert_one_line_error(cli("merge", a, b, "-o", out, *args), fragment)
+    assert not out.exists()
+
+
+def test_bad_configs(pair, tmp_path):
+    a, b = pair
+    out = tmp_path / "out.onnx"
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("layers:\n  conv99: {r: 4}\n")
+    assert_one_line_error(cli("merge", a, b, "-o", out, "--config", unknown), "conv99")
+    bad_key = tmp_path / "badkey.yaml"
+    bad_key.write_text("layerz: {}\n")
+    assert_one_line_error(cli("merge", a, b, "-o", out, "--config", bad_key), "layerz")
+    needs_two = tmp_path / "two.yaml"
+    needs_two.write_text(f"models: [{a}, {b}]\n")
+    assert_one_line_error(cli("merge", a, "-o", out, "--config", needs_two), "2 models")
+    assert not out.exists()
+    # the same config alone supplies both models
+    assert cli("merge", "-o", out, "--config", needs_two, "--quiet").returncode == 0
+
+
+def test_existing_output_needs_force(pair, tmp_path):
+    a, b = pair
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"keep me")
+    assert_one_line_error(cli("merge", a, b, "-o", out), "--force")
+    assert out.read_bytes() == b"keep me"
+    assert cli("merge", a, b, "-o", out, "--force", "--quiet").returncode == 0
+    onnx.checker.check_model(onnx.load(str(out)))
+
+
+def test_verbose_shows_traceback(pair, tmp_path):
+    a, _ = pair
+    proc = cli("merge", a, tmp_path / "missing.onnx", "-o", tmp_path / "o.onnx", "-v")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

@@ -1,0 +1,127 @@
+"""End-to-end merge: the one ONNX artifact, exactness, naming, metadata, reports."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import neuralmerge
+from neuralmerge.fidelity import ort_session
+from neuralmerge.zoo.architectures import LeNet
+from hetero_models import export, hetero_pair
+
+
+def run(model, feeds):
+    sess = ort_session(model)
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def test_exact_when_codewords_cover_every_vector(tmp_path):
+    a, b = hetero_pair(tmp_path)
+    result = neuralmerge.merge([a, b], tmp_path / "m.onnx", r=8, codewords=65536, compress_heads=True, quiet=True)
+    merged = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(merged, full_check=True)
+    rng = np.random.default_rng(1)
+    xa = rng.standard_normal((3, 3, 40, 40)).astype(np.float32)
+    xb = rng.standard_normal((2, 1, 28, 28)).astype(np.float32)
+    got = run(merged, {"image": xa, "img": xb})
+    want_a = run(onnx.load(str(a)), {"image": xa})["scores"]
+    want_b = run(onnx.load(str(b)), {"img": xb})["logits"]
+    np.testing.assert_allclose(got["scores"], want_a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["logits"], want_b, rtol=1e-5, atol=1e-6)
+    # every conv and fc became an E-layer call and the encodings are exact
+    ops = [n.op_type for n in merged.graph.node if n.domain == "ai.neuralmerge"]
+    assert ops.count("EConv") == 5 + 2 and ops.count("EGemm") == 2 + 2
+    assert all(g["relative_error"] == 0.0 for g in result.report["groups"])
+    assert {f.name for f in merged.functions} == {"EConv", "EGemm"}
+
+
+def test_metadata_and_shared_codebooks(tmp_path):
+    a, b = hetero_pair(tmp_path)
+    result = neuralmerge.merge([a, b], tmp_path / "m.onnx", r=4, codewords=32, quiet=True)
+    merged = result.model
+    props = {p.key: p.value for p in merged.metadata_props}
+    assert props["neuralmerge.format_version"] == "1"
+    groups = json.loads(props["neuralmerge.groups"])
+    models = json.loads(props["neuralmerge.models"])
+    assert [m["source"] for m in models] == [str(a), str(b)]
+    shared = [g for g in groups if len(g["members"]) == 2]
+    assert shared, "aligned layers of both models must share a codebook"
+    inits = {t.name for t in merged.graph.initializer}
+    for g in groups:
+        assert g["codebook"] in inits
+        assert all(c <= 32 for c in g["segment_codewords"])
+    # both members of a shared group reference the same codebook initializer
+    calls = [n for n in merged.graph.node if n.domain == "ai.neuralmerge"]
+    for g in shared:
+        users = [n for n in calls if n.input[1] == g["codebook"]]
+        assert {n.name.split(".")[0] for n in users} == {"m0", "m1"}
+
+
+def test_colliding_names_are_prefixed(tmp_path):
+    torch.manual_seed(0)
+    a = export(LeNet(10), tmp_path / "a.onnx", (1, 1, 32, 32), "input", "logits")
+    b = export(LeNet(20), tmp_path / "b.onnx", (1, 1, 32, 32), "input", "logits")
+    merged = neuralmerge.merge([a, b], tmp_path / "m.onnx", quiet=True, fidelity_samples=4).model
+    assert [i.name for i in merged.graph.input] == ["m0.input", "m1.input"]
+    assert [o.name for o in merged.graph.output] == ["m0.logits", "m1.logits"]
+    x = np.random.default_rng(0).standard_normal((2, 1, 32, 32)).astype(np.float32)
+    out = run(merged, {"m0.input": x, "m1.input": x})
+    assert out["m0.logits"].shape == (2, 10) and out["m1.logits"].shape == (2, 20)
+
+
+def test_lenet_pair_paper_compression(tmp_path):
+    """Paper Table 1 settings on the paper's LeNet pair: ≥ 10.2× (ACCU) and ≥ 15.0× (LIGHT) on file bytes."""
+    torch.manual_seed(0)
+    a = export(LeNet(10), tmp_path / "a.onnx", (1, 1, 32, 32), "input", "logits")
+    b = export(LeNet(20), tmp_path / "b.onnx", (1, 1, 32, 32), "input", "logits")
+    accu = neuralmerge.merge([a, b], quiet=True, preset="accu", fidelity_samples=4).report
+    light = neuralmerge.merge([a, b], quiet=True, preset="light", fidelity_samples=4).report
+    assert [(g["name"], g["r"], g["codewords"]) for g in accu["groups"]] == [
+        ("conv1", 1, 64), ("conv2", 8, 128), ("fc1", 8, 128)]
+    assert [(g["name"], g["r"], g["codewords"]) for g in light["groups"]] == [
+        ("conv1", 1, 64), ("conv2", 32, 128), ("fc1", 8, 64)]
+    assert accu["compression_ratio"] >= 10.2
+    assert light["compression_ratio"] >= 15.0
+    half = neuralmerge.merge([a, b], quiet=True, preset="light", codebook_dtype="float16", fidelity_samples=4).report
+    assert half["compression_ratio"] > light["compression_ratio"]
+
+
+def test_three_models_and_single_model_compression(tmp_path):
+    a, b = hetero_pair(tmp_path)
+    torch.manual_seed(3)
+    c = export(LeNet(4), tmp_path / "c.onnx", (1, 1, 32, 32), "x", "y")
+    rep = neuralmerge.merge([a, b, c], tmp_path / "m3.onnx", r=4, codewords=64, quiet=True).report
+    assert len(rep["models"]) == 3 and len(rep["fidelity"]) == 3
+    assert any(len(g["layers"]) == 3 for g in rep["groups"])
+    single = neuralmerge.merge([c], tmp_path / "c_small.onnx", quiet=True).report
+    assert single["compression_ratio"] > 4
+    assert single["fidelity"][0]["top1_agreement"] >= 0.5
+
+
+def test_report_json_keys(tmp_path):
+    a, b = hetero_pair(tmp_path)
+    neuralmerge.merge([a, b], tmp_path / "m.onnx", report=tmp_path / "r.json", quiet=True)
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["compression_ratio"] == pytest.approx(rep["input_bytes"] / rep["output_bytes"])
+    assert rep["output_bytes"] == (tmp_path / "m.onnx").stat().st_size
+    for m in rep["models"]:
+        assert {"path", "bytes", "params", "inputs", "outputs"} <= set(m)
+    for g in rep["groups"]:
+        assert {"name", "layers", "kind", "r", "codewords", "segments", "quantization_mse"} <= set(g)
+    for f in rep["fidelity"]:
+        assert 0.0 <= f["top1_agreement"] <= 1.0 and f["max_abs_error"] >= 0.0
+
+
+def test_config_controls_groups(tmp_path):
+    a, b = hetero_pair(tmp_path)
+    cfg = tmp_path / "layers.yaml"
+    cfg.write_text("defaults: {r: 4, codewords: 16}\nlayers:\n  conv1: {skip: true}\n  conv2: {r: 2, codewords: 8}\n")
+    rep = neuralmerge.merge([a, b], config=str(cfg), quiet=True).report
+    names = {g["name"]: g for g in rep["groups"]}
+    assert "conv1" not in names
+    assert names["conv2"]["r"] == 2 and max(names["conv2"]["segment_codewords"]) <= 8
+    assert all(g["r"] == 4 for n, g in names.items() if n not in ("conv2",) and g["kind"] == "fc")
