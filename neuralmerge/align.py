@@ -98,32 +98,3 @@ def align(layers_per_model: list[list[Layer]]) -> list[Group]:
             ordered.extend([layer] for layer in after[k + 1])
         groups.extend(Group(f"{kind}{i + 1}", kind, members) for i, members in enumerate(ordered))
     return groups
-
-
-def plan_rows(groups: list[Group], settings: dict[str, tuple[int, int]] | None = None) -> list[dict]:
-    """One row per group for ``neuralmerge inspect``: group, kind, r, C (if given) and members.
-
-    ``settings`` maps a group name to its ``(r, codewords)``; members read ``m{i}:{node}{shape}``.
-    """
-    rows = []
-    for group in groups:
-        r, c = (settings or {}).get(group.name, (None, None))
-        rows.append({
-            "group": group.name,
-            "kind": group.kind,
-            "r": r,
-            "codewords": c,
-            "members": [f"m{layer.model}:{layer.node}{list(layer.shape)}" for layer in group.members],
-        })
-    return rows
-
-
-def format_plan(groups: list[Group], settings: dict[str, tuple[int, int]] | None = None) -> str:
-    """The alignment plan as a plain-text table (one line per group)."""
-    rows = plan_rows(groups, settings)
-    lines = [f"{'group':<8} {'kind':<5} {'r':>4} {'C':>6}  members"]
-    for row in rows:
-        r = "-" if row["r"] is None else str(row["r"])
-        c = "-" if row["codewords"] is None else str(row["codewords"])
-        lines.append(f"{row['group']:<8} {row['kind']:<5} {r:>4} {c:>6}  {'  '.join(row['members'])}")
-    return "\n".join(lines)

@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from neuralmerge.align import align, format_plan, match_layers, plan_rows
+from neuralmerge.align import align, match_layers
 from neuralmerge.errors import NeuralMergeError
 from neuralmerge.graph.layers import Layer, find_layers
 
@@ -124,20 +124,6 @@ def test_heads_are_excluded_via_is_head():
     assert [g.name for g in groups] == ["conv1", "conv2", "fc1"]
     assert all(len(g.members) == 2 for g in groups)
 
-
-def test_plan_rows_and_format_plan():
-    groups = align([lenet(0), lenet(1)])
-    rows = plan_rows(groups, {"conv1": (1, 64)})
-    assert rows[0] == {"group": "conv1", "kind": "conv", "r": 1, "codewords": 64,
-                       "members": ["m0:c1[32, 1, 5, 5]", "m1:c1[32, 1, 5, 5]"]}
-    assert rows[2]["r"] is None
-    text = format_plan(groups, {"conv1": (1, 64)})
-    assert text.splitlines()[1].split() == ["conv1", "conv", "1", "64", "m0:c1[32,", "1,", "5,", "5]",
-                                           "m1:c1[32,", "1,", "5,", "5]"]
-    assert len(text.splitlines()) == 4
-
-
-# --------------------------------------------------------------------------- find_layers
 
 def _model(nodes, inits, inputs, outputs) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in inits.items()])

@@ -22,7 +22,23 @@ def decode_weight(codebook: torch.Tensor, codes: torch.Tensor, offsets: torch.Te
     return vec.reshape(*vec.shape[:-2], -1)[..., :depth]
 
 
-class EConv2d(nn.Module):
+class _ELayer(nn.Module):
+    """What every E-layer holds: a (shared) codebook, fixed codes and offsets, the depth, a bias."""
+
+    def __init__(self, codebook: nn.Parameter, codes: torch.Tensor, offsets: torch.Tensor, depth: int,
+                 bias: nn.Parameter):
+        super().__init__()
+        self.codebook = codebook
+        self.bias = bias
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("offsets", offsets.long(), persistent=False)
+        self.depth = int(depth)
+
+    def decoded(self) -> torch.Tensor:
+        return decode_weight(self.codebook, self.codes, self.offsets, self.depth)
+
+
+class EConv2d(_ELayer):
     """Jointly-encoded 2-D convolution (ONNX ``ai.neuralmerge::EConv``).
 
     ``pads`` follows ONNX: ``[top, left, bottom, right]``.
@@ -30,12 +46,7 @@ class EConv2d(nn.Module):
 
     def __init__(self, codebook: nn.Parameter, codes: torch.Tensor, offsets: torch.Tensor, depth: int,
                  bias: nn.Parameter, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1):
-        super().__init__()
-        self.codebook = codebook
-        self.bias = bias
-        self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("offsets", offsets.long(), persistent=False)
-        self.depth = int(depth)
+        super().__init__(codebook, codes, offsets, depth, bias)
         self.strides = tuple(int(s) for s in strides)
         self.pads = tuple(int(p) for p in pads)
         self.dilations = tuple(int(d) for d in dilations)
@@ -43,7 +54,7 @@ class EConv2d(nn.Module):
 
     def weight(self) -> torch.Tensor:
         """Decoded dense weight ``[p, depth, kh, kw]``."""
-        return decode_weight(self.codebook, self.codes, self.offsets, self.depth).permute(0, 3, 1, 2)
+        return self.decoded().permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, left, bottom, right = self.pads
@@ -55,21 +66,12 @@ class EConv2d(nn.Module):
         return F.conv2d(x, self.weight(), self.bias, self.strides, padding, self.dilations, self.group)
 
 
-class ELinear(nn.Module):
+class ELinear(_ELayer):
     """Jointly-encoded fully-connected layer (ONNX ``ai.neuralmerge::EGemm``): ``y = x W^T + b``."""
-
-    def __init__(self, codebook: nn.Parameter, codes: torch.Tensor, offsets: torch.Tensor, depth: int,
-                 bias: nn.Parameter):
-        super().__init__()
-        self.codebook = codebook
-        self.bias = bias
-        self.register_buffer("codes", codes, persistent=False)
-        self.register_buffer("offsets", offsets.long(), persistent=False)
-        self.depth = int(depth)
 
     def weight(self) -> torch.Tensor:
         """Decoded dense weight ``[n_out, depth]``."""
-        return decode_weight(self.codebook, self.codes, self.offsets, self.depth)
+        return self.decoded()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.matmul(x, self.weight().t()) + self.bias
