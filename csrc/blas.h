@@ -1,0 +1,13 @@
+// The one place that names BLAS symbols. Every BLAS call in csrc/ goes through NM_SGEMM so that
+// the library can be swapped at configure time (CMake option NEURALMERGE_BLAS).
+#pragma once
+
+#include <cblas.h>
+
+#if defined(NEURALMERGE_BLAS_SCIPY_OPENBLAS)
+// The scipy-openblas32 wheel prefixes every exported symbol with "scipy_" so that it never
+// clashes with another OpenBLAS loaded in the same process (numpy's, faiss's).
+#define NM_SGEMM scipy_cblas_sgemm
+#else
+#define NM_SGEMM cblas_sgemm
+#endif

@@ -1,0 +1,258 @@
+// AVX-512 kernels (F/BW/VL + VBMI for the E-FC byte permute). Compiled with a target pragma so
+// the library still builds for baseline x86-64; dispatch.cpp calls them only on CPUs that have
+// every feature listed below.
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "lut_internal.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx2,fma,f16c")
+// GCC 12's own avx512fintrin.h trips these on its _mm512_undefined_* placeholders.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+namespace neuralmerge {
+namespace detail {
+namespace {
+
+inline void store_f32(__m512 sum, const float* base, float bias, float scale, float* out) {
+    const __m512 start = base ? _mm512_loadu_ps(base) : _mm512_set1_ps(bias);
+    _mm512_storeu_ps(out, _mm512_fmadd_ps(sum, _mm512_set1_ps(scale), start));
+}
+
+struct F32 {
+    using Elem = float;
+    using Acc = __m512;
+    static constexpr int64_t kLanes = 16;
+    static Acc zero() { return _mm512_setzero_ps(); }
+    static Acc add(Acc a, const Elem* p) { return _mm512_add_ps(a, _mm512_loadu_ps(p)); }
+    static void store(Acc a, const float* base, float bias, float scale, float* out) {
+        store_f32(a, base, bias, scale, out);
+    }
+};
+
+struct F16 {
+    using Elem = uint16_t;
+    using Acc = __m512;
+    static constexpr int64_t kLanes = 16;
+    static Acc zero() { return _mm512_setzero_ps(); }
+    static Acc add(Acc a, const Elem* p) {
+        return _mm512_add_ps(a, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+    }
+    static void store(Acc a, const float* base, float bias, float scale, float* out) {
+        store_f32(a, base, bias, scale, out);
+    }
+};
+
+struct I16 {
+    using Elem = int16_t;
+    using Acc = __m512i;  // 16 int32 sums
+    static constexpr int64_t kLanes = 16;
+    static Acc zero() { return _mm512_setzero_si512(); }
+    static Acc add(Acc a, const Elem* p) {
+        return _mm512_add_epi32(a, _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+    }
+    static void store(Acc a, const float* base, float bias, float scale, float* out) {
+        store_f32(_mm512_cvtepi32_ps(a), base, bias, scale, out);
+    }
+};
+
+struct I8 {
+    using Elem = int8_t;
+    using Acc = __m512i;  // 32 int16 sums (safe for kInt8ChunkTerms terms)
+    static constexpr int64_t kLanes = 32;
+    static Acc zero() { return _mm512_setzero_si512(); }
+    static Acc add(Acc a, const Elem* p) {
+        return _mm512_add_epi16(a, _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+    }
+    static void store(Acc a, const float* base, float bias, float scale, float* out) {
+        const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(a)));
+        const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(a, 1)));
+        store_f32(low, base, bias, scale, out);
+        store_f32(high, base ? base + 16 : nullptr, bias, scale, out + 16);
+    }
+};
+
+#include "simd_accumulate.inl"
+
+void to_f16(const float* src, int64_t n, uint16_t* dst) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256i half = _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), half);
+    }
+    for (; i < n; ++i) dst[i] = float_to_half(src[i]);
+}
+
+// Rounds to nearest even (the MXCSR default) after clamping, like the scalar kernel.
+inline __m512i rounded(const float* src, __m512 inv_scale, __m512 limit) {
+    const __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(src), inv_scale);
+    return _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(scaled, limit), _mm512_sub_ps(_mm512_setzero_ps(), limit)));
+}
+
+void quantize_i16(const float* src, int64_t n, float inv_scale, int16_t* dst) {
+    const __m512 inv = _mm512_set1_ps(inv_scale), limit = _mm512_set1_ps(32767.0f);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtsepi32_epi16(rounded(src + i, inv, limit)));
+    }
+    for (; i < n; ++i) dst[i] = static_cast<int16_t>(std::nearbyint(std::clamp(src[i] * inv_scale, -32767.0f, 32767.0f)));
+}
+
+void quantize_i8(const float* src, int64_t n, float inv_scale, int8_t* dst) {
+    const __m512 inv = _mm512_set1_ps(inv_scale), limit = _mm512_set1_ps(127.0f);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtsepi32_epi8(rounded(src + i, inv, limit)));
+    }
+    for (; i < n; ++i) dst[i] = static_cast<int8_t>(std::nearbyint(std::clamp(src[i] * inv_scale, -127.0f, 127.0f)));
+}
+
+float max_abs(const float* src, int64_t n) {
+    __m512 largest = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_loadu_ps(src + i)));
+    float m = _mm512_reduce_max_ps(largest);
+    for (; i < n; ++i) m = std::max(m, std::fabs(src[i]));
+    return m;
+}
+
+inline __m512 load_codewords(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load_codewords(const uint16_t* p, __mmask16 mask) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
+}
+
+template <typename Elem>
+void fc_table(const Elem* codebook_t, const int32_t* base, const int32_t* rows, int64_t rho, int64_t r, int64_t depth,
+              const float* x, float* table) {
+    for (int64_t v = 0; v < rho; ++v) {
+        const Elem* segment = codebook_t + static_cast<int64_t>(base[v]) * r;
+        const int64_t count = rows[v], channels = std::min(r, depth - v * r);
+        for (int64_t c0 = 0; c0 < count; c0 += 16) {
+            const __mmask16 mask = count - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (count - c0)) - 1);
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t k = 0; k < channels; ++k) {
+                sum = _mm512_fmadd_ps(_mm512_set1_ps(x[v * r + k]), load_codewords(segment + k * count + c0, mask), sum);
+            }
+            _mm512_mask_storeu_ps(table + base[v] + c0, mask, sum);
+        }
+    }
+}
+
+inline __m512i code_index(const uint8_t* codes8, const uint16_t* codes16, int64_t at) {
+    return codes8 ? _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes8 + at)))
+                  : _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes16 + at)));
+}
+
+void fc_gather_f32(const float* table, const int32_t* base, const uint8_t* codes8, const uint16_t* codes16,
+                   int64_t rho, int64_t blocks, float* out) {
+    for (int64_t b = 0; b < blocks; ++b) {
+        __m512 sum[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t v = 0; v < rho; ++v) {
+            const __m512i first = _mm512_set1_epi32(base[v]);
+            const int64_t at = (b * rho + v) * kFcBlock;
+            for (int i = 0; i < 4; ++i) {
+                const __m512i index = _mm512_add_epi32(code_index(codes8, codes16, at + 16 * i), first);
+                sum[i] = _mm512_add_ps(sum[i], _mm512_i32gather_ps(index, table, 4));
+            }
+        }
+        for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + b * kFcBlock + 16 * i, sum[i]);
+    }
+}
+
+// Gathers 4 bytes at table + index (the caller pads the table by 3 bytes) and keeps the first.
+void fc_gather_i8(const int8_t* table, const int32_t* base, const uint8_t* codes8, const uint16_t* codes16,
+                  int64_t rho, int64_t blocks, int32_t* out) {
+    for (int64_t b = 0; b < blocks; ++b) {
+        __m512i sum[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                          _mm512_setzero_si512()};
+        for (int64_t v = 0; v < rho; ++v) {
+            const __m512i first = _mm512_set1_epi32(base[v]);
+            const int64_t at = (b * rho + v) * kFcBlock;
+            for (int i = 0; i < 4; ++i) {
+                const __m512i index = _mm512_add_epi32(code_index(codes8, codes16, at + 16 * i), first);
+                const __m512i word = _mm512_i32gather_epi32(index, table, 1);
+                sum[i] = _mm512_add_epi32(sum[i], _mm512_srai_epi32(_mm512_slli_epi32(word, 24), 24));
+            }
+        }
+        for (int i = 0; i < 4; ++i) _mm512_storeu_si512(out + b * kFcBlock + 16 * i, sum[i]);
+    }
+}
+
+// Per segment, vpermi2b looks up 64 outputs' codes in the segment's 128-entry int8 table (two
+// registers); vpmaddubsw with 0/1 selectors widens even and odd bytes to int16 sums, which are
+// spilled to int32 before they could overflow.
+void fc_permute_i8(const int8_t* table, const uint8_t* codes, int64_t rho, int64_t blocks, int32_t* out) {
+    const __m512i select_even = _mm512_set1_epi16(0x0001), select_odd = _mm512_set1_epi16(0x0100);
+    alignas(64) int32_t even[32], odd[32];
+    for (int64_t b = 0; b < blocks; ++b) {
+        __m512i even32[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+        __m512i odd32[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+        for (int64_t v0 = 0; v0 < rho; v0 += kInt8ChunkTerms) {
+            __m512i even16 = _mm512_setzero_si512(), odd16 = _mm512_setzero_si512();
+            const int64_t end = std::min(rho, v0 + kInt8ChunkTerms);
+            for (int64_t v = v0; v < end; ++v) {
+                const __m512i index = _mm512_loadu_si512(codes + (b * rho + v) * kFcBlock);
+                const __m512i low = _mm512_loadu_si512(table + v * 128), high = _mm512_loadu_si512(table + v * 128 + 64);
+                const __m512i values = _mm512_permutex2var_epi8(low, index, high);
+                even16 = _mm512_add_epi16(even16, _mm512_maddubs_epi16(select_even, values));
+                odd16 = _mm512_add_epi16(odd16, _mm512_maddubs_epi16(select_odd, values));
+            }
+            even32[0] = _mm512_add_epi32(even32[0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(even16)));
+            even32[1] = _mm512_add_epi32(even32[1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(even16, 1)));
+            odd32[0] = _mm512_add_epi32(odd32[0], _mm512_cvtepi16_epi32(_mm512_castsi512_si256(odd16)));
+            odd32[1] = _mm512_add_epi32(odd32[1], _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(odd16, 1)));
+        }
+        _mm512_store_si512(even, even32[0]);
+        _mm512_store_si512(even + 16, even32[1]);
+        _mm512_store_si512(odd, odd32[0]);
+        _mm512_store_si512(odd + 16, odd32[1]);
+        for (int j = 0; j < 32; ++j) {
+            out[b * kFcBlock + 2 * j] = even[j];
+            out[b * kFcBlock + 2 * j + 1] = odd[j];
+        }
+    }
+}
+
+const KernelTable kAvx512 = {
+    "avx512",
+    accumulate<F32, 2>,
+    accumulate<F16, 2>,
+    accumulate<I16, 2>,
+    accumulate<I8, 2>,
+    to_f16,
+    quantize_i16,
+    quantize_i8,
+    fc_table<float>,
+    fc_table<uint16_t>,
+    max_abs,
+    fc_gather_f32,
+    fc_gather_i8,
+    fc_permute_i8,
+};
+
+}  // namespace
+
+const KernelTable& avx512_kernels() { return kAvx512; }
+
+}  // namespace detail
+}  // namespace neuralmerge
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+#endif  // __x86_64__

@@ -1,0 +1,87 @@
+// Internal interface between the prepared layers (econv_layer.cpp, egemm_layer.cpp) and the
+// per-instruction-set kernels (kernels_scalar.cpp, kernels_avx2.cpp, kernels_avx512.cpp).
+//
+// Every ISA file fills one KernelTable with the same functions; the layers pick a table once at
+// construction (dispatch.cpp) and never branch on the CPU again.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "neuralmerge/lut_kernels.h"
+
+namespace neuralmerge {
+namespace detail {
+
+/// Codes as int64 after every check of the encoded weight (lut_kernels.cpp); `rows` receives,
+/// per segment, 1 + the largest code used.
+std::vector<int64_t> validated_codes(const EncodedWeight& weight, std::vector<int64_t>& rows);
+
+/// Output pixels of one accumulate call are processed in blocks of this many; callers round
+/// pixel counts up to it and give the table that much slack.
+constexpr int64_t kPixelBlock = 64;
+/// Output channels an E-FC kernel handles per block (codes are stored [block][segment][64]).
+constexpr int64_t kFcBlock = 64;
+/// Largest number of int8 table terms whose sum is safe in int16 (127 * 258 < 32768).
+constexpr int64_t kInt8ChunkTerms = 256;
+/// Largest number of int16 table terms whose sum is safe in int32.
+constexpr int64_t kInt16ChunkTerms = 65536;
+
+/// out[ch][q] = (accumulate ? out[ch][q] : bias[ch]) + scale * sum_k table[offsets[ch][k] + q]
+/// for ch < channels, q < pixels (a multiple of kPixelBlock); row ch of offsets starts at
+/// offsets + ch * offset_stride; rows of out are out_stride floats apart.
+template <typename Elem>
+using AccumulateFn = void (*)(const Elem* table, const int32_t* offsets, int64_t offset_stride, int64_t terms,
+                              int64_t channels,
+                              int64_t pixels, const float* bias, float scale, bool accumulate, float* out,
+                              int64_t out_stride);
+
+/// E-FC sum over segments for blocks of kFcBlock outputs: out[b*64 + j] =
+/// sum_v table[base[v] + codes[(b*rho + v)*64 + j]]; codes8 or codes16 is non-null.
+using FcGatherF32Fn = void (*)(const float* table, const int32_t* base, const uint8_t* codes8,
+                               const uint16_t* codes16, int64_t rho, int64_t blocks, float* out);
+/// E-FC table of one input row: table[base[v] + c] = sum_k x[v*r + k] * codebook_t[base[v]*r + k*rows[v] + c]
+/// for c < rows[v], k < min(r, depth - v*r) (codebook segments stored transposed, [k][c]).
+template <typename Elem>
+using FcTableFn = void (*)(const Elem* codebook_t, const int32_t* base, const int32_t* rows, int64_t rho,
+                           int64_t r, int64_t depth, const float* x, float* table);
+using FcGatherI8Fn = void (*)(const int8_t* table, const int32_t* base, const uint8_t* codes8,
+                              const uint16_t* codes16, int64_t rho, int64_t blocks, int32_t* out);
+
+struct KernelTable {
+    const char* isa;  ///< "avx512", "avx2" or "scalar": the suffix of kernel names
+    AccumulateFn<float> accumulate_f32;
+    AccumulateFn<uint16_t> accumulate_f16;  ///< table holds IEEE half bits
+    AccumulateFn<int16_t> accumulate_i16;
+    AccumulateFn<int8_t> accumulate_i8;
+    void (*to_f16)(const float* src, int64_t n, uint16_t* dst);
+    /// dst = saturate(round(src * inv_scale)) into [-limit, limit].
+    void (*quantize_i16)(const float* src, int64_t n, float inv_scale, int16_t* dst);
+    void (*quantize_i8)(const float* src, int64_t n, float inv_scale, int8_t* dst);
+    FcTableFn<float> fc_table_f32;
+    FcTableFn<uint16_t> fc_table_f16;  ///< codebook holds IEEE half bits
+    float (*max_abs)(const float* src, int64_t n);
+    FcGatherF32Fn fc_gather_f32;
+    FcGatherI8Fn fc_gather_i8;
+    /// E-FC with an int8 table of 128 entries per segment ([rho][128]) and uint8 codes, or
+    /// null when the ISA has no byte permute (needs AVX-512 VBMI).
+    void (*fc_permute_i8)(const int8_t* table, const uint8_t* codes, int64_t rho, int64_t blocks, int32_t* out);
+};
+
+const KernelTable& scalar_kernels();
+#if defined(__x86_64__)
+const KernelTable& avx2_kernels();
+const KernelTable& avx512_kernels();
+#endif
+
+/// The kernel table for the requested ISA (kAuto: the best this CPU supports); throws
+/// std::invalid_argument when the CPU lacks it.
+const KernelTable& select_kernels(LutIsa isa);
+
+/// Half-precision bits <-> float, portable (round to nearest even).
+uint16_t float_to_half(float value);
+float half_to_float(uint16_t bits);
+
+}  // namespace detail
+}  // namespace neuralmerge

@@ -1,0 +1,56 @@
+// The table-sum loop shared by the AVX2 and AVX-512 kernels, written once over a SIMD traits
+// type T (see kernels_avx2.cpp / kernels_avx512.cpp). Included only after an ISA's target
+// pragma, inside an anonymous namespace, so each ISA gets its own compiled copy.
+//
+// T provides: Elem (table element), Acc (accumulator register), kLanes (pixels per Acc),
+// zero(), add(Acc, const Elem*) (load kLanes elements, widen, add) and
+// store(Acc, const float* base_or_null, float bias, float scale, float* out).
+
+// Sums CH output channels over one block of kPixelBlock pixels with all accumulators in
+// registers: every term is kPixelBlock / kLanes contiguous loads at a constant offset.
+template <typename T, int CH>
+inline void accumulate_block(const typename T::Elem* table, const int32_t* const* offs, int64_t terms, int64_t q0,
+                             const float* bias, float scale, bool add, float* const* out) {
+    constexpr int kVectors = static_cast<int>(kPixelBlock / T::kLanes);
+    typename T::Acc acc[CH][kVectors];
+    for (int c = 0; c < CH; ++c) {
+        for (int i = 0; i < kVectors; ++i) acc[c][i] = T::zero();
+    }
+    for (int64_t k = 0; k < terms; ++k) {
+        for (int c = 0; c < CH; ++c) {
+            const typename T::Elem* src = table + offs[c][k] + q0;
+            for (int i = 0; i < kVectors; ++i) acc[c][i] = T::add(acc[c][i], src + i * T::kLanes);
+        }
+    }
+    for (int c = 0; c < CH; ++c) {
+        for (int i = 0; i < kVectors; ++i) {
+            float* dst = out[c] + q0 + i * T::kLanes;
+            T::store(acc[c][i], add ? dst : nullptr, bias[c], scale, dst);
+        }
+    }
+}
+
+template <typename T, int CH>
+void accumulate(const typename T::Elem* table, const int32_t* offsets, int64_t offset_stride, int64_t terms,
+                int64_t channels, int64_t pixels, const float* bias, float scale, bool add, float* out,
+                int64_t out_stride) {
+    int64_t ch = 0;
+    for (; ch + CH <= channels; ch += CH) {
+        const int32_t* offs[CH];
+        float* rows[CH];
+        for (int c = 0; c < CH; ++c) {
+            offs[c] = offsets + (ch + c) * offset_stride;
+            rows[c] = out + (ch + c) * out_stride;
+        }
+        for (int64_t q0 = 0; q0 < pixels; q0 += kPixelBlock) {
+            accumulate_block<T, CH>(table, offs, terms, q0, bias + ch, scale, add, rows);
+        }
+    }
+    for (; ch < channels; ++ch) {
+        const int32_t* offs[1] = {offsets + ch * offset_stride};
+        float* rows[1] = {out + ch * out_stride};
+        for (int64_t q0 = 0; q0 < pixels; q0 += kPixelBlock) {
+            accumulate_block<T, 1>(table, offs, terms, q0, bias + ch, scale, add, rows);
+        }
+    }
+}
