@@ -1,0 +1,183 @@
+"""Latency of a merged model in the native runtime against its originals in ONNX Runtime (DESIGN §7).
+
+The originals run back to back in one loop, as a device serving all tasks would, in ONNX
+Runtime fp32 (ORT_ENABLE_ALL) and statically quantised to int8 (QDQ, per-channel). Every
+figure is a median over timed repetitions after warm-up; ratios come from the same run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from neuralmerge.errors import ModelLoadError
+from neuralmerge.runtime.session import PRECISIONS, Session, set_blas_threads
+
+__all__ = ["benchmark", "median_ms", "random_feeds", "quantize_int8", "session_peak_rss"]
+
+
+def median_ms(fn: Callable[[], object], repeat: int, warmup: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def _ort_session(path: str | os.PathLike, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises untyped errors for bad files
+        raise ModelLoadError(f"onnxruntime cannot load {path}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def random_feeds(session, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Batch-1 float32 feeds for an onnxruntime session (free dimensions set to 1)."""
+    return {i.name: rng.standard_normal([d if isinstance(d, int) and d > 0 else 1 for d in i.shape]).astype(np.float32)
+            for i in session.get_inputs()}
+
+
+def quantize_int8(source: str | os.PathLike, destination: str | os.PathLike, samples: int = 16, seed: int = 0) -> None:
+    """Static int8 quantisation (QDQ, per-channel) calibrated on random batch-1 inputs."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    reference = _ort_session(source, 1)
+    rng = np.random.default_rng(seed)
+    batches = [random_feeds(reference, rng) for _ in range(samples)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter(batches)
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static logs advice on every call
+    try:
+        quantize_static(str(source), str(destination), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        logging.getLogger().setLevel(quiet)
+
+
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's at fork.
+_RSS_SCRIPT = """
+import sys, numpy as np
+from neuralmerge.runtime import Session, session
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+before = hwm()
+s = Session(sys.argv[1], lut=sys.argv[2])
+feeds = {i.name: np.ones([d or 1 for d in i.shape], np.float32) for i in s.inputs}
+for _ in range(5):
+    s.run(feeds)
+print(before, hwm())
+"""
+
+
+def session_peak_rss(model: str | os.PathLike, lut: str) -> dict:
+    """Peak RSS (bytes) of a fresh process that loads ``model`` into a Session and runs it."""
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(model), lut], check=True, capture_output=True,
+                         text=True).stdout.split()
+    before, peak = int(out[0]) * 1024, int(out[1]) * 1024  # KiB
+    return {"interpreter_bytes": before, "peak_bytes": peak, "session_bytes": peak - before}
+
+
+def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, threads: int = 1,
+              luts: tuple[str, ...] = PRECISIONS, repeat: int = 200, warmup: int = 20, int8_baseline: bool = True,
+              seed: int = 0) -> dict:
+    """Time ``merged`` in the runtime at each ``lut`` and ``baselines`` back to back in ORT."""
+    from neuralmerge.runtime import pack_model
+
+    set_blas_threads(threads)
+    rng = np.random.default_rng(seed)
+    result: dict = {"threads": threads, "repeat": repeat, "warmup": warmup, "cpu": _cpu_features(),
+                    "merged": {"path": str(merged), "bytes": Path(merged).stat().st_size},
+                    "baselines": [{"path": str(b), "bytes": Path(b).stat().st_size} for b in baselines],
+                    "runtime_ms": {}, "ratios": {}}
+
+    if baselines:
+        fp32 = [_ort_session(b, threads) for b in baselines]
+        fp32_feeds = [random_feeds(s, rng) for s in fp32]
+        result["ort_fp32_ms"] = median_ms(lambda: [s.run(None, f) for s, f in zip(fp32, fp32_feeds)], repeat, warmup)
+        if int8_baseline:
+            with tempfile.TemporaryDirectory() as tmp:
+                int8_paths = [Path(tmp) / f"int8_{i}.onnx" for i in range(len(baselines))]
+                for source, target in zip(baselines, int8_paths):
+                    quantize_int8(source, target, seed=seed)
+                result["ort_int8_bytes"] = [p.stat().st_size for p in int8_paths]
+                int8 = [_ort_session(p, threads) for p in int8_paths]
+            result["ort_int8_ms"] = median_ms(lambda: [s.run(None, f) for s, f in zip(int8, fp32_feeds)], repeat, warmup)
+
+    packed = pack_model(merged)
+    result["merged"]["nmpack_bytes"] = len(packed)
+    for lut in luts:
+        session = Session(packed, lut=lut, threads=threads)
+        feeds = {s.name: rng.standard_normal([d or 1 for d in s.shape]).astype(np.float32) for s in session.inputs}
+        ms = median_ms(lambda: session.run(feeds), repeat, warmup)
+        result["runtime_ms"][lut] = ms
+        ratios = {}
+        if "ort_fp32_ms" in result:
+            ratios["vs_ort_fp32"] = result["ort_fp32_ms"] / ms
+        if "ort_int8_ms" in result:
+            ratios["vs_ort_int8"] = result["ort_int8_ms"] / ms
+        result["ratios"][lut] = ratios
+    with tempfile.TemporaryDirectory() as tmp:
+        pack_path = Path(tmp) / "merged.nmpack"
+        pack_path.write_bytes(packed)
+        result["peak_rss"] = session_peak_rss(pack_path, luts[0])
+    result["threadpools"] = _threadpools()
+    return result
+
+
+def format_benchmark(result: dict) -> str:
+    """A Markdown table of one benchmark() result."""
+    lines = [f"threads {result['threads']}, median of {result['repeat']} runs; CPU: {result['cpu']}", "",
+             "| configuration | ms | ORT fp32 / this | ORT int8 / this |", "|---|---:|---:|---:|"]
+    if "ort_fp32_ms" in result:
+        lines.append(f"| originals, ORT fp32 (back to back) | {result['ort_fp32_ms']:.3f} | 1.00 | |")
+    if "ort_int8_ms" in result:
+        lines.append(f"| originals, ORT static int8 | {result['ort_int8_ms']:.3f} | "
+                     f"{result['ort_fp32_ms'] / result['ort_int8_ms']:.2f} | 1.00 |")
+    for lut, ms in result["runtime_ms"].items():
+        r = result["ratios"][lut]
+        lines.append(f"| merged, neuralmerge runtime {lut} | {ms:.3f} | {r.get('vs_ort_fp32', float('nan')):.2f} | "
+                     f"{r.get('vs_ort_int8', float('nan')):.2f} |")
+    rss = result["peak_rss"]
+    lines += ["", f"merged file {result['merged']['bytes']:,} bytes; session peak RSS {rss['peak_bytes'] / 2**20:.1f} MiB "
+              f"({rss['session_bytes'] / 2**20:.1f} MiB above the bare interpreter)"]
+    return "\n".join(lines)
+
+
+def _cpu_features() -> str:
+    from neuralmerge.runtime import _native
+    return _native.load().cpu_features()
+
+
+def _threadpools() -> list:
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    return [{k: v for k, v in info.items() if k in ("internal_api", "prefix", "num_threads", "version")}
+            for info in threadpool_info()]
+

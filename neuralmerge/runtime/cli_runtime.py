@@ -1,0 +1,112 @@
+"""``neuralmerge run``, ``bench`` and ``pack``: the runtime's commands (registered in neuralmerge/cli.py).
+
+Same conventions as the other commands: a user error prints ``error: ...`` and exits 1, a
+traceback only with ``-v``; files are written to a temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import click
+import numpy as np
+
+from neuralmerge.cli import _user_errors
+from neuralmerge.errors import ConfigError
+from neuralmerge.runtime.session import PRECISIONS
+
+__all__ = ["run_cmd", "bench_cmd", "pack_cmd"]
+
+
+def _write_atomic(data: bytes, path: str | os.PathLike, force: bool) -> None:
+    path = Path(path)
+    if path.exists() and not force:
+        raise ConfigError(f"{path} exists; pass --force to overwrite it")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _read_feeds(values: tuple[str, ...]) -> dict[str, np.ndarray]:
+    feeds = {}
+    for value in values:
+        name, sep, file = value.partition("=")
+        if not sep or not name or not file:
+            raise ConfigError(f"--input {value!r}: expected NAME=FILE.npy")
+        try:
+            feeds[name] = np.load(file, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--input {name}: cannot read {file}: {str(exc).splitlines()[0]}") from None
+    return feeds
+
+
+@click.command("run")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="A feed (repeatable).")
+@click.option("--output", "outputs", multiple=True, metavar="NAME", help="Compute only these outputs (repeatable).")
+@click.option("--lut", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="Lookup-table precision of the encoded layers (fp32 is exact).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True)
+@click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the outputs to this .npz file.")
+@click.option("--force", is_flag=True, help="Overwrite --out.")
+@_user_errors
+def run_cmd(model, inputs, outputs, lut, threads, out_path, force):
+    """Run MODEL (.onnx or .nmpack) on the native lookup-table runtime."""
+    from neuralmerge.runtime import Session
+
+    session = Session(model, lut=lut, threads=threads)
+    results = session.run(_read_feeds(inputs), outputs=list(outputs) or None)
+    if out_path:
+        buffer = io.BytesIO()
+        np.savez(buffer, **results)
+        _write_atomic(buffer.getvalue(), out_path, force)
+    for name, array in results.items():
+        line = f"{name}: shape {tuple(array.shape)}"
+        if array.ndim == 2:
+            line += f", top-1 {array.argmax(axis=1).tolist()}"
+        click.echo(line)
+
+
+@click.command("pack")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .nmpack file to write.")
+@click.option("--force", is_flag=True, help="Overwrite the output.")
+@_user_errors
+def pack_cmd(model, output, force):
+    """Pack a merged ONNX MODEL into the .nmpack file the C++ runtime loads (no protobuf needed)."""
+    from neuralmerge.runtime import Session, pack_model
+
+    data = pack_model(model)
+    Session(data)  # the runtime validates the pack before anything is written
+    _write_atomic(data, output, force)
+    click.echo(f"wrote {output}: {len(data):,} bytes (from {Path(model).stat().st_size:,} bytes of ONNX)")
+
+
+@click.command("bench")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--baseline", "baselines", multiple=True, type=click.Path(dir_okay=False),
+              help="An original model, run back to back with the others in ONNX Runtime (repeatable).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True)
+@click.option("--lut", "luts", multiple=True, type=click.Choice(PRECISIONS),
+              help="Precisions to time (repeatable; default: all).")
+@click.option("--repeat", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--warmup", type=click.IntRange(0), default=20, show_default=True)
+@click.option("--no-int8-baseline", is_flag=True, help="Skip the statically quantised int8 baseline.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
+@click.option("--force", is_flag=True, help="Overwrite --json.")
+@_user_errors
+def bench_cmd(model, baselines, threads, luts, repeat, warmup, no_int8_baseline, json_path, force):
+    """Time merged MODEL in the runtime against the original models in ONNX Runtime (batch 1)."""
+    from neuralmerge.runtime.bench import benchmark, format_benchmark
+
+    result = benchmark(model, list(baselines), threads=threads, luts=tuple(luts) or PRECISIONS, repeat=repeat,
+                       warmup=warmup, int8_baseline=not no_int8_baseline)
+    if json_path:
+        _write_atomic(json.dumps(result, indent=2).encode(), json_path, force)
+    click.echo(format_benchmark(result))

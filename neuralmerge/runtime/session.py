@@ -1,0 +1,118 @@
+"""``Session``: run a merged model (``.onnx`` or ``.nmpack``) on the native lookup-table runtime.
+
+    from neuralmerge.runtime import Session
+    s = Session("merged.onnx", lut="int8", threads=1)
+    out = s.run({"m0.input": xa, "m1.input": xb})          # {output name: array}
+    out = s.run({"m1.input": xb}, outputs=["m1.logits"])   # one task only
+
+An ``.onnx`` file is packed in memory first (needs ``onnx``, never torch). All validation
+happens in C++: a bad file raises :class:`ModelError`, bad feeds raise :class:`FeedError`.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from neuralmerge.errors import ConfigError, NeuralMergeError
+from neuralmerge.runtime import _native
+from neuralmerge.runtime.pack import MAGIC, ModelError, pack_model
+
+__all__ = ["Session", "TensorSpec", "FeedError", "ModelError", "PRECISIONS", "set_blas_threads"]
+
+PRECISIONS = ("fp32", "fp16", "int16", "int8")
+
+
+class FeedError(NeuralMergeError, ValueError):
+    """Feeds do not match the model: unknown name, wrong dtype, rank or shape, or a missing input."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: ``shape`` has ``None`` where the size is chosen per call."""
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str
+
+
+class Session:
+    """A merged model loaded into the native runtime.
+
+    ``model`` is the path of an ``.onnx`` or ``.nmpack`` file, or ``.nmpack`` bytes. ``lut`` is the
+    table precision of the encoded layers: ``"fp32"`` (exact), ``"fp16"``, ``"int16"`` or
+    ``"int8"``. ``threads`` is the number of threads the lookup-table kernels may use.
+    """
+
+    def __init__(self, model: str | os.PathLike | bytes, lut: str = "fp32", threads: int = 1):
+        if lut not in PRECISIONS:
+            raise ConfigError(f"lut must be one of {', '.join(PRECISIONS)}, got {lut!r}")
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 1024:
+            raise ConfigError(f"threads must be an integer in [1, 1024], got {threads!r}")
+        lib = self._lib = _native.load()
+        set_blas_threads(threads)
+        self.lut, self.threads = lut, threads
+        try:
+            if isinstance(model, (bytes, bytearray, memoryview)):
+                self._native = lib.Session.from_buffer(bytes(model), lut, threads)
+            else:
+                path = Path(model)
+                if not path.is_file():
+                    raise ModelError(f"no such model file: {path}")
+                with open(path, "rb") as f:
+                    is_pack = f.read(len(MAGIC)) == MAGIC
+                if is_pack:
+                    self._native = lib.Session.from_file(str(path), lut, threads)
+                else:
+                    self._native = lib.Session.from_buffer(pack_model(path), lut, threads)
+        except lib.ModelError as exc:
+            raise ModelError(str(exc)) from None
+        self.inputs = [_spec(*entry) for entry in self._native.inputs()]
+        self.outputs = [_spec(*entry) for entry in self._native.outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the nodes ``outputs`` need (all outputs by default); return ``{name: float32 array}``.
+
+        Feeds must be float32 numpy arrays whose shapes match :attr:`inputs`; feeds the requested
+        outputs do not need may be left out.
+        """
+        if not isinstance(feeds, Mapping):
+            raise FeedError(f"feeds must be a dict of input name -> numpy array, got {type(feeds).__name__}")
+        if isinstance(outputs, str):
+            outputs = [outputs]
+        names = [spec.name for spec in self.outputs] if outputs is None else list(outputs)
+        lib = self._lib
+        try:
+            results = self._native.run(dict(feeds), names)
+        except lib.InputError as exc:
+            raise FeedError(str(exc)) from None
+        except lib.ModelError as exc:
+            raise ModelError(str(exc)) from None
+        return dict(zip(names, results))
+
+    def kernels(self) -> list[str]:
+        """One line per encoded layer: node name, op and the kernel the runtime chose."""
+        return list(self._native.describe_kernels())
+
+    def __repr__(self) -> str:
+        return (f"Session(inputs={[s.name for s in self.inputs]}, outputs={[s.name for s in self.outputs]}, "
+                f"lut={self.lut!r}, threads={self.threads})")
+
+
+def set_blas_threads(threads: int) -> None:
+    """Pin the thread count of the runtime's own OpenBLAS (the scipy-openblas32 wheel, used by dense
+    Conv/Gemm). It is a private copy (symbols prefixed ``scipy_``), so numpy's and faiss's BLAS
+    are not affected."""
+    try:
+        import scipy_openblas32
+    except ImportError:  # built against the system OpenBLAS: OPENBLAS_NUM_THREADS applies
+        return
+    library = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True))
+    ctypes.CDLL(library).scipy_openblas_set_num_threads(int(threads))
+
+
+def _spec(name: str, dtype: str, shape: list[int]) -> TensorSpec:
+    return TensorSpec(name, tuple(None if d < 0 else d for d in shape), dtype)

@@ -1,0 +1,173 @@
+"""Every fast LUT kernel variant against the decoded dense reference (one harness, like ggml's
+test-backend-ops): precision (fp32/fp16/int16/int8) x instruction set (avx512/avx2/scalar, those
+this CPU has) x conv geometry / FC shape, each held to a per-precision relative RMS bound.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from neuralmerge.runtime import kernels
+from neuralmerge.runtime.kernels import EConv, EGemm, KernelInputError
+from tests.test_lut_kernels import conv2d_reference, decode_weight, random_encoding
+
+# Relative RMS error bounds, about 3x what the kernels measure on these cases.
+TOLERANCE = {"fp32": 1e-6, "fp16": 6e-4, "int16": 4e-4, "int8": 5e-2}
+FEATURES = kernels.cpu_features().split()
+ISAS = ["scalar"]
+if {"avx2", "fma", "f16c"} <= set(FEATURES):
+    ISAS.append("avx2")
+if {"avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vbmi"} <= set(FEATURES):
+    ISAS.append("avx512")
+VARIANTS = [(lut, isa) for lut in TOLERANCE for isa in ISAS]
+
+# kernel, stride, pads [t, l, b, r], dilation, group, depth per group, p, r, max codewords
+CONV_CASES = {
+    "3x3": ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 12, 6, 4, 16),
+    "5x5-r-not-dividing-depth": ((5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 1, 10, 5, 4, 40),
+    "stride2-asymmetric": ((3, 3), (2, 2), (0, 1, 2, 0), (1, 1), 1, 8, 4, 3, 12),
+    "stride4-even-kernel": ((4, 4), (4, 4), (1, 2, 1, 2), (1, 1), 1, 6, 3, 2, 9),
+    "dilation": ((3, 3), (1, 2), (2, 2, 2, 2), (2, 2), 1, 5, 4, 5, 7),
+    "grouped": ((3, 2), (1, 1), (1, 0, 1, 1), (1, 1), 2, 6, 6, 4, 11),
+    "depthwise": ((3, 3), (2, 1), (1, 1, 1, 1), (1, 1), 8, 1, 8, 1, 5),
+    "1x1-many-terms": ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, 300, 5, 1, 30),
+}
+FC_CASES = {
+    "small": (37, 70, 4, 12, np.uint8),
+    "byte-permute": (96, 130, 8, 128, np.uint8),
+    "many-segments": (300, 9, 1, 20, np.uint8),
+    "uint16-codes": (50, 33, 3, 300, np.uint16),
+}
+
+
+def relative_rms(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((actual - expected) ** 2) / np.mean(expected**2)))
+
+
+@pytest.fixture(scope="module")
+def conv_cases():
+    cases = {}
+    for name, (kernel, stride, pads, dilation, group, depth, p, r, codewords) in CONV_CASES.items():
+        rng = np.random.default_rng(len(name))
+        codebook, codes, offsets = random_encoding(rng, (p, *kernel), depth, r, codewords)
+        bias = rng.standard_normal(p).astype(np.float32)
+        x = np.maximum(rng.standard_normal((2, depth * group, 11, 14)), -0.5).astype(np.float32)
+        weight = decode_weight(codebook, codes, offsets, depth).transpose(0, 3, 1, 2)
+        layer = (codebook, codes, offsets, depth, bias, stride, pads, dilation, group)
+        cases[name] = (layer, x, conv2d_reference(x, weight, bias, stride, pads, dilation, group))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def fc_cases():
+    cases = {}
+    for name, (n_in, n_out, r, codewords, code_dtype) in FC_CASES.items():
+        rng = np.random.default_rng(len(name) + 100)
+        codebook, codes, offsets = random_encoding(rng, (n_out,), n_in, r, codewords, code_dtype)
+        bias = rng.standard_normal(n_out).astype(np.float32)
+        x = rng.standard_normal((2, n_in)).astype(np.float32)
+        cases[name] = ((codebook, codes, offsets, n_in, bias),
+                       x, x.astype(np.float64) @ decode_weight(codebook, codes, offsets, n_in).T + bias)
+    return cases
+
+
+@pytest.mark.parametrize("lut, isa", VARIANTS)
+def test_econv_variant_matches_dense_reference(conv_cases, lut, isa):
+    for name, (layer_args, x, expected) in conv_cases.items():
+        layer = EConv(*layer_args, lut=lut, isa=isa)
+        assert layer.kernel_name == f"{lut}-{isa}"
+        y = layer(x)
+        assert y.shape == expected.shape and y.dtype == np.float32
+        assert relative_rms(y, expected) <= TOLERANCE[lut], name
+
+
+@pytest.mark.parametrize("lut, isa", VARIANTS)
+def test_egemm_variant_matches_dense_reference(fc_cases, lut, isa):
+    for name, (layer_args, x, expected) in fc_cases.items():
+        layer = EGemm(*layer_args, lut=lut, isa=isa)
+        assert layer.kernel_name.endswith(isa)
+        assert relative_rms(layer(x), expected) <= TOLERANCE[lut], name
+
+
+def test_isa_variants_agree_closely(conv_cases):
+    layer_args, x, _ = conv_cases["stride2-asymmetric"]
+    for lut in TOLERANCE:
+        outputs = [EConv(*layer_args, lut=lut, isa=isa)(x) for isa in ISAS]
+        for y in outputs[1:]:
+            assert relative_rms(y, outputs[0]) <= 1e-6
+
+
+def test_threads_split_strips_without_changing_results(conv_cases):
+    layer_args, x, _ = conv_cases["5x5-r-not-dividing-depth"]
+    for lut in TOLERANCE:
+        single = EConv(*layer_args, lut=lut)(x)
+        np.testing.assert_array_equal(EConv(*layer_args, lut=lut, threads=3)(x), single)
+
+
+def test_egemm_byte_permute_kernel_is_chosen_for_small_codebooks(fc_cases):
+    if "avx512" not in ISAS:
+        pytest.skip("needs AVX-512 VBMI")
+    assert EGemm(*fc_cases["byte-permute"][0], lut="int8", isa="avx512").kernel_name == "int8-avx512"
+    assert EGemm(*fc_cases["uint16-codes"][0], lut="int8", isa="avx512").kernel_name == "int8-gather-avx512"
+
+
+def test_fp16_codebook_is_exact_in_fp32_tables():
+    rng = np.random.default_rng(5)
+    codebook, codes, offsets = random_encoding(rng, (4, 3, 3), 7, 3, codebook_dtype=np.float16)
+    bias = rng.standard_normal(4).astype(np.float32)
+    x = rng.standard_normal((1, 7, 8, 9)).astype(np.float32)
+    weight = decode_weight(codebook, codes, offsets, 7).transpose(0, 3, 1, 2)
+    expected = conv2d_reference(x, weight, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    y = EConv(codebook, codes, offsets, 7, bias, (1, 1), (1, 1, 1, 1), lut="fp32")(x)
+    assert relative_rms(y, expected) <= 1e-6
+
+
+def test_segment_codewords_bound_every_code():
+    rng = np.random.default_rng(9)
+    codebook, codes, offsets = random_encoding(rng, (4, 3, 3), 6, 3, max_codewords=5, trail_rows=0)
+    bias = np.zeros(4, dtype=np.float32)
+    counts = [int(codes[..., v].max()) + 1 for v in range(codes.shape[-1])]
+    EConv(codebook, codes, offsets, 6, bias, segment_codewords=counts)  # exactly enough rows: accepted
+    counts[1] -= 1
+    with pytest.raises(KernelInputError, match="exceeds segment 1's"):
+        EConv(codebook, codes, offsets, 6, bias, segment_codewords=counts)
+    with pytest.raises(KernelInputError, match="claims"):
+        EConv(codebook, codes, offsets, 6, bias, segment_codewords=[1, len(codebook)])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(lut="int4"), "lut must be"),
+    (dict(isa="neon"), "isa must be"),
+    (dict(threads=0), "threads must be"),
+])
+def test_bad_options_are_rejected(bad, message):
+    rng = np.random.default_rng(3)
+    codebook, codes, offsets = random_encoding(rng, (2, 1, 1), 4, 2)
+    with pytest.raises(KernelInputError, match=message):
+        EConv(codebook, codes, offsets, 4, np.zeros(2, np.float32), **bad)
+
+
+def test_bad_inputs_are_rejected_at_run():
+    rng = np.random.default_rng(4)
+    codebook, codes, offsets = random_encoding(rng, (2, 3, 3), 4, 2)
+    layer = EConv(codebook, codes, offsets, 4, np.zeros(2, np.float32))
+    with pytest.raises(KernelInputError, match="channels"):
+        layer(np.zeros((1, 5, 6, 6), np.float32))
+    with pytest.raises(KernelInputError, match="larger than the padded input"):
+        layer(np.zeros((1, 4, 2, 2), np.float32))
+    fc_codebook, fc_codes, fc_offsets = random_encoding(rng, (3,), 6, 2)
+    fc = EGemm(fc_codebook, fc_codes, fc_offsets, 6, np.zeros(3, np.float32))
+    with pytest.raises(KernelInputError, match="features"):
+        fc(np.zeros((1, 5), np.float32))
+
+
+def test_set_isa_changes_the_default_variant():
+    rng = np.random.default_rng(6)
+    codebook, codes, offsets = random_encoding(rng, (2, 1, 1), 4, 2)
+    try:
+        kernels.set_isa("scalar")
+        assert EConv(codebook, codes, offsets, 4, np.zeros(2, np.float32)).kernel_name == "fp32-scalar"
+    finally:
+        kernels.set_isa("auto")
+    with pytest.raises(KernelInputError, match="isa must be"):
+        kernels.set_isa("sse9")

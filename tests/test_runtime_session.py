@@ -1,0 +1,222 @@
+"""neuralmerge.runtime.Session against stock onnxruntime on merged models, feeds, and the CLI."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import neuralmerge
+import neuralmerge.cli as cli
+from neuralmerge.runtime import FeedError, ModelError, Session, pack_model
+from neuralmerge.runtime.cli_runtime import pack_cmd, run_cmd
+from neuralmerge.zoo.architectures import LeNet, MobileNetStyle, ResNetStyle, VGGStyle
+from neuralmerge.zoo.train import export_onnx
+
+
+def ort_outputs(model, feeds: dict) -> dict:
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+def assert_parity(model: onnx.ModelProto, feeds: dict, lut: str = "fp32", rtol: float = 1e-4) -> dict:
+    got = Session(pack_model(model), lut=lut).run(feeds)
+    want = ort_outputs(model, feeds)
+    assert got.keys() == want.keys()
+    for name in want:
+        scale = np.abs(want[name]).max()
+        np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=rtol * scale, err_msg=name)
+    return got
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory) -> dict[str, onnx.ModelProto]:
+    """Merged models built by the real pipeline: a LeNet pair and three single-model compressions."""
+    tmp = tmp_path_factory.mktemp("merged")
+    torch.manual_seed(0)
+    out = {}
+    a = export_onnx(LeNet(10, image_size=16), tmp / "a.onnx", (1, 16, 16))
+    b = export_onnx(LeNet(20, image_size=16), tmp / "b.onnx", (1, 16, 16))
+    out["lenet_pair"] = neuralmerge.merge([str(a), str(b)], quiet=True, fidelity_samples=2).model
+    for name, net in [("vgg", VGGStyle(10, image_size=16)), ("resnet", ResNetStyle(10)),
+                      ("mobilenet", MobileNetStyle(10))]:
+        net.eval()
+        path = export_onnx(net, tmp / f"{name}.onnx", (3, 16, 16))
+        out[name] = neuralmerge.merge([str(path)], quiet=True, fidelity_samples=2).model
+    return out
+
+
+def feeds_for(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {i.name: rng.standard_normal([d.dim_value or batch for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+            for i in model.graph.input}
+
+
+@pytest.mark.parametrize("name", ["lenet_pair", "vgg", "resnet", "mobilenet"])
+def test_fp32_matches_onnxruntime(merged, name):
+    model = merged[name]
+    assert any(n.op_type == "EConv" for n in model.graph.node)
+    for batch in (2, 1):  # a new batch size re-plans
+        assert_parity(model, feeds_for(model, batch))
+
+
+def test_lower_precisions_stay_close(merged):
+    model = merged["lenet_pair"]
+    feeds = feeds_for(model, 64, seed=3)
+    want = ort_outputs(model, feeds)
+    for lut, bound in (("fp16", 2e-3), ("int16", 2e-3), ("int8", 0.1)):
+        got = Session(pack_model(model), lut=lut).run(feeds)
+        for name in want:
+            rel = np.linalg.norm(got[name] - want[name]) / np.linalg.norm(want[name])
+            assert rel < bound, (lut, name, rel)
+
+
+def test_int8_top1_agreement_with_fp32(merged):
+    model = merged["lenet_pair"]
+    feeds = feeds_for(model, 200, seed=4)
+    fp32 = Session(pack_model(model), lut="fp32").run(feeds)
+    int8 = Session(pack_model(model), lut="int8").run(feeds)
+    agreement = {k: float((fp32[k].argmax(1) == int8[k].argmax(1)).mean()) for k in fp32}
+    print("int8 top-1 agreement with fp32:", agreement)
+    assert min(agreement.values()) >= 0.9
+
+
+def test_one_task_alone(merged):
+    model = merged["lenet_pair"]
+    session = Session(pack_model(model))
+    assert [s.name for s in session.inputs] == ["m0.input", "m1.input"]
+    assert session.outputs[1].name == "m1.logits" and session.outputs[1].shape == (None, 20)
+    assert session.inputs[0].shape == (None, 1, 16, 16) and session.inputs[0].dtype == "float32"
+    feeds = feeds_for(model, 3)
+    alone = session.run({"m1.input": feeds["m1.input"]}, outputs=["m1.logits"])
+    assert list(alone) == ["m1.logits"]
+    np.testing.assert_array_equal(alone["m1.logits"], session.run(feeds)["m1.logits"])
+
+
+def test_onnx_path_and_nmpack_path_agree(merged, tmp_path):
+    model = merged["resnet"]
+    onnx.save(model, tmp_path / "m.onnx")
+    (tmp_path / "m.nmpack").write_bytes(pack_model(model))
+    feeds = feeds_for(model, 1)
+    a = Session(tmp_path / "m.onnx").run(feeds)["logits"]
+    b = Session(str(tmp_path / "m.nmpack")).run(feeds)["logits"]
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("feeds, words", [
+    ({"nope": np.zeros((1, 1, 16, 16), np.float32)}, "unknown input 'nope'"),
+    ({"m0.input": np.zeros((1, 1, 16, 16), np.float64)}, "float32"),
+    ({"m0.input": np.zeros((1, 16, 16), np.float32)}, "rank 4"),
+    ({"m0.input": np.zeros((1, 1, 16, 17), np.float32)}, "shape"),
+    ({"m0.input": np.zeros((0, 1, 16, 16), np.float32)}, "empty"),
+    ({"m0.input": [[1.0]]}, "numpy array"),
+])
+def test_bad_feeds(merged, feeds, words):
+    session = Session(pack_model(merged["lenet_pair"]))
+    with pytest.raises(FeedError, match=words):
+        session.run(feeds, outputs=["m0.logits"])
+
+
+def test_missing_feed_and_unknown_output(merged):
+    session = Session(pack_model(merged["lenet_pair"]))
+    with pytest.raises(FeedError, match="missing feed for input 'm1.input'"):
+        session.run({"m0.input": np.zeros((1, 1, 16, 16), np.float32)})
+    with pytest.raises(FeedError, match="unknown output 'm2.logits'"):
+        session.run({"m0.input": np.zeros((1, 1, 16, 16), np.float32)}, outputs=["m2.logits"])
+
+
+def test_non_contiguous_feed_is_accepted(merged):
+    model = merged["vgg"]
+    x = feeds_for(model, 2)["input"]
+    strided = np.asfortranarray(x)
+    got = Session(pack_model(model)).run({"input": strided})["logits"]
+    np.testing.assert_allclose(got, ort_outputs(model, {"input": x})["logits"], rtol=1e-4, atol=1e-5)
+
+
+def op_zoo_model() -> onnx.ModelProto:
+    """A graph with the dense ops of the supported subset that the zoo models do not all cover."""
+    rng = np.random.default_rng(0)
+    const = lambda name, a: numpy_helper.from_array(np.asarray(a), name)  # noqa: E731
+    inits = [
+        const("w", rng.standard_normal((4, 2, 3, 3)).astype(np.float32)), const("wb", rng.standard_normal(4).astype(np.float32)),
+        const("scale", rng.random(4).astype(np.float32) + 0.5), const("bias", rng.standard_normal(4).astype(np.float32)),
+        const("mean", rng.standard_normal(4).astype(np.float32)), const("var", rng.random(4).astype(np.float32) + 0.5),
+        const("chan", rng.standard_normal((1, 4, 1, 1)).astype(np.float32)), const("two", np.array(2.0, np.float32)),
+        const("lo", np.array(-0.5, np.float32)), const("hi", np.array(0.7, np.float32)),
+        const("shape", np.array([0, -1], np.int64)), const("gw", rng.standard_normal((5, 96)).astype(np.float32)),
+        const("gb", rng.standard_normal(5).astype(np.float32)), const("mw", rng.standard_normal((4, 3)).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "wb"], ["c"], kernel_shape=[3, 3], pads=[1, 0, 2, 1], strides=[2, 1], group=1),
+        helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["bn"], epsilon=1e-3),
+        helper.make_node("LeakyRelu", ["bn"], ["lr"], alpha=0.1),
+        helper.make_node("Mul", ["lr", "chan"], ["mc"]),
+        helper.make_node("Div", ["mc", "two"], ["dv"]),
+        helper.make_node("Sub", ["chan", "dv"], ["sb"]),
+        helper.make_node("AveragePool", ["sb"], ["ap"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                         ceil_mode=1, count_include_pad=1),
+        helper.make_node("AveragePool", ["sb"], ["ap2"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+        helper.make_node("MaxPool", ["sb"], ["mp"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["ap", "mp"], ["cat"], axis=1),
+        helper.make_node("Clip", ["cat", "lo", "hi"], ["cl"]),
+        helper.make_node("Sigmoid", ["cl"], ["sg"]),
+        helper.make_node("Transpose", ["sg"], ["tr"], perm=[0, 2, 3, 1]),
+        helper.make_node("Tanh", ["tr"], ["th"]),
+        helper.make_node("HardSigmoid", ["th"], ["hs"], alpha=0.3, beta=0.4),
+        helper.make_node("Reshape", ["hs", "shape"], ["flat"]),
+        helper.make_node("Shape", ["flat"], ["fs"]),
+        helper.make_node("GlobalMaxPool", ["ap2"], ["gm"]),
+        helper.make_node("Flatten", ["gm"], ["gmf"], axis=1),
+        helper.make_node("MatMul", ["gmf", "mw"], ["g2"]),
+        helper.make_node("Softmax", ["g2"], ["y2"], axis=-1),
+        helper.make_node("Identity", ["flat"], ["flat2"]),
+        helper.make_node("Gemm", ["flat2", "gw", "gb"], ["g"], transB=1, alpha=0.5, beta=2.0),
+        helper.make_node("HardSwish", ["g"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "ops", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 9, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5]),
+                               helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["N", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_dense_op_subset_matches_onnxruntime():
+    model = op_zoo_model()
+    x = np.random.default_rng(5).standard_normal((3, 2, 9, 8)).astype(np.float32)
+    assert_parity(model, {"x": x}, rtol=1e-5)
+
+
+def test_unsupported_op_is_refused_at_load():
+    graph = helper.make_graph([helper.make_node("Erf", ["x"], ["y"], name="erf1")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelError, match=r"op 'Erf' \(node 'erf1'\) is not supported by the neuralmerge runtime; "
+                                         r"run this file with onnxruntime.InferenceSession"):
+        Session(pack_model(model))
+
+
+def test_cli_pack_and_run(merged, tmp_path):
+    onnx.save(merged["lenet_pair"], tmp_path / "m.onnx")
+    x = feeds_for(merged["lenet_pair"], 2)["m1.input"]
+    np.save(tmp_path / "x.npy", x)
+    runner = CliRunner()
+    result = runner.invoke(pack_cmd, [str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.nmpack")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(run_cmd, [str(tmp_path / "m.nmpack"), "--input", f"m1.input={tmp_path / 'x.npy'}",
+                                     "--output", "m1.logits", "--lut", "int8", "-o", str(tmp_path / "out.npz")])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "out.npz") as out:
+        assert out["m1.logits"].shape == (2, 20)
+    # A bad feed: one error line, exit 1, and no output file left behind.
+    np.save(tmp_path / "bad.npy", x.astype(np.float64))
+    result = runner.invoke(run_cmd, [str(tmp_path / "m.nmpack"), "--input", f"m1.input={tmp_path / 'bad.npy'}",
+                                     "--output", "m1.logits", "-o", str(tmp_path / "bad.npz")])
+    assert result.exit_code == 1 and result.output.startswith("error: input 'm1.input' must have dtype float32")
+    assert not (tmp_path / "bad.npz").exists()
+    assert cli.main is not None  # the runtime commands reuse neuralmerge.cli's error convention
