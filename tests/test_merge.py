@@ -25,7 +25,7 @@ def test_exact_when_codewords_cover_every_vector(tmp_path):
     merged = onnx.load(str(tmp_path / "m.onnx"))
     onnx.checker.check_model(merged, full_check=True)
     rng = np.random.default_rng(1)
-    xa = rng.standard_normal((3, 3, 40, 40)).astype(np.float32)
+    xa = rng.standard_normal((3, 3, 40, 40)).astype(np.float32)  # batch sizes differ between the models
     xb = rng.standard_normal((2, 1, 28, 28)).astype(np.float32)
     got = run(merged, {"image": xa, "img": xb})
     want_a = run(onnx.load(str(a)), {"image": xa})["scores"]
@@ -68,9 +68,11 @@ def test_colliding_names_are_prefixed(tmp_path):
     merged = neuralmerge.merge([a, b], tmp_path / "m.onnx", quiet=True, fidelity_samples=4).model
     assert [i.name for i in merged.graph.input] == ["m0.input", "m1.input"]
     assert [o.name for o in merged.graph.output] == ["m0.logits", "m1.logits"]
-    x = np.random.default_rng(0).standard_normal((2, 1, 32, 32)).astype(np.float32)
-    out = run(merged, {"m0.input": x, "m1.input": x})
-    assert out["m0.logits"].shape == (2, 10) and out["m1.logits"].shape == (2, 20)
+    x = np.random.default_rng(0).standard_normal((5, 1, 32, 32)).astype(np.float32)
+    out = run(merged, {"m0.input": x, "m1.input": x[:1]})  # the same dynamic dimension name, independent sizes
+    assert out["m0.logits"].shape == (5, 10) and out["m1.logits"].shape == (1, 20)
+    assert {d.dim_param for i in merged.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param} == {
+        "m0.batch", "m1.batch"}
 
 
 def test_lenet_pair_paper_compression(tmp_path):

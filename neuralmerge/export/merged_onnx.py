@@ -120,9 +120,9 @@ def build_merged_model(models: list[onnx.ModelProto], sources: list[str], groups
             copy.name = rename(t.name)
             initializers.append(copy)
         for vi in graph_inputs(model):
-            inputs.append(_renamed_value_info(vi, rename))
+            inputs.append(_renamed_value_info(vi, rename, i))
         for vi in graph.output:
-            outputs.append(_renamed_value_info(vi, rename))
+            outputs.append(_renamed_value_info(vi, rename, i))
 
     initializers = _drop_unused(initializers, nodes, outputs)
     merged_graph = helper.make_graph(nodes, "neuralmerge_merged", inputs, outputs, initializers)
@@ -168,10 +168,14 @@ def _rename_subgraph(graph: onnx.GraphProto, rename) -> None:
         t.name = rename(t.name)
 
 
-def _renamed_value_info(vi: onnx.ValueInfoProto, rename) -> onnx.ValueInfoProto:
+def _renamed_value_info(vi: onnx.ValueInfoProto, rename, model_index: int) -> onnx.ValueInfoProto:
+    """Rename the tensor and prefix its symbolic dimensions: one model's batch size is not another's."""
     copy = onnx.ValueInfoProto()
     copy.CopyFrom(vi)
     copy.name = rename(vi.name)
+    for dim in copy.type.tensor_type.shape.dim:
+        if dim.HasField("dim_param"):
+            dim.dim_param = f"m{model_index}.{dim.dim_param}"
     return copy
 
 

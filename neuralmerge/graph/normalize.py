@@ -147,9 +147,10 @@ def _pin_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
         for k, d in enumerate(dims):
             if d.HasField("dim_value") and d.dim_value > 0:
                 continue
-            if k == 0:
-                d.Clear()
-                d.dim_param = "N"  # a dynamic batch dimension is fine everywhere
+            if k == 0:  # a dynamic batch dimension is fine everywhere; keep its name if it has one
+                if not d.dim_param:
+                    d.Clear()
+                    d.dim_param = "N"
                 continue
             shape = "x".join(str(x.dim_value) if x.HasField("dim_value") else "?" for x in dims)
             raise ConfigError(f"input '{vi.name}' of {label} has a dynamic dimension {k} ({shape}); "
