@@ -1,0 +1,158 @@
+"""Composition: train one student from black-box teachers' predictions on unlabeled data.
+
+``compose(teachers, classes, unlabeled, ...)`` is the whole classification pipeline (teacher
+inference → filtering → aggregation / UHC soft labels → student training → ONNX export); the
+pieces live in ``teachers``, ``labels`` and ``student``. Detection pseudo-label aggregation is in
+``detection``. This module stays light (the CLI imports it): heavy imports happen on first call.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+from neuralmerge.errors import NeuralMergeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+
+class CompositionError(NeuralMergeError):
+    """Bad composition input: class lists, teachers, unlabeled or labeled data, or settings."""
+
+
+@dataclass
+class CompositionResult:
+    """What :func:`compose` produced: the trained student and everything worth reporting."""
+
+    model: Any                     # the trained torch module
+    classes: list[str]             # output k of the student is classes[k]
+    report: dict[str, Any]         # settings, label statistics, training history (JSON-ready)
+
+
+def _check_inputs(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled: Any
+                  ) -> tuple[list[str], list[Any], tuple[int, ...]]:
+    """Validate what can be checked before running anything; return (union, supports, input shape)."""
+    import numpy as np
+
+    from neuralmerge.compose.labels import union_classes
+
+    if not teachers:
+        raise CompositionError("no teachers given")
+    if len(classes) != len(teachers):
+        raise CompositionError(f"got {len(teachers)} teachers but {len(classes)} class lists")
+    for names, teacher in zip(classes, teachers):
+        if not names:
+            raise CompositionError(f"the class list of teacher {teacher.name} is empty")
+        if teacher.output_width is not None and teacher.output_width != len(names):
+            raise CompositionError(f"teacher {teacher.name} outputs {teacher.output_width} logits but its class "
+                                   f"list has {len(names)} names")
+    union, supports = union_classes(classes)
+    x = unlabeled
+    if not isinstance(x, np.ndarray) or x.ndim < 2:
+        raise CompositionError("the unlabeled data must be an array of shape (N, ...) with one sample per row")
+    if len(x) == 0:
+        raise CompositionError("the unlabeled set is empty")
+    if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+        raise CompositionError("the unlabeled data must be finite numbers")
+    shape = tuple(x.shape[1:])
+    for teacher in teachers:
+        if teacher.input_shape is not None and teacher.input_shape != shape:
+            raise CompositionError(f"teacher {teacher.name} takes inputs {list(teacher.input_shape)} but the "
+                                   f"unlabeled samples are {list(shape)}")
+    return union, supports, shape
+
+
+def _label_indices(y: Any, union: list[str]) -> Any:
+    """Labels as union indices: integers already are, class names are looked up."""
+    import numpy as np
+
+    y = np.asarray(y)
+    if y.dtype.kind in "US":
+        lookup = {name: k for k, name in enumerate(union)}
+        unknown = sorted({str(v) for v in y if str(v) not in lookup})
+        if unknown:
+            raise CompositionError(f"labeled data uses classes no teacher knows: {', '.join(unknown[:5])}")
+        return np.array([lookup[str(v)] for v in y], dtype=np.int64)
+    if y.dtype.kind not in "iu" or (len(y) and (y.min() < 0 or y.max() >= len(union))):
+        raise CompositionError(f"labeled y must be class names or indices in 0..{len(union) - 1}")
+    return y.astype(np.int64)
+
+
+def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled: "np.ndarray", *,
+            method: str = "ce", strategy: str = "consensus", tau: float | None = None, temperature: float = 1.0,
+            balance: bool = False, select: str = "none", backprop: bool = False, hard: bool = False,
+            student: str = "lenet", epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
+            val_fraction: float = 0.1, labeled: tuple[Any, Any] | None = None, finetune_epochs: int = 5,
+            finetune_lr: float = 1e-4, output: str | os.PathLike | None = None, force: bool = False,
+            cache_dir: str | os.PathLike | None = None, teacher_batch_size: int = 256, seed: int = 0,
+            progress: bool = True) -> CompositionResult:
+    """Model Composition's Algorithm 1 for classifiers: one student for the union of the teachers' classes.
+
+    ``teachers``: ONNX paths, :class:`teachers.Teacher` objects or callables (float32 batch →
+    logits). ``classes``: each teacher's class names, in output order. ``unlabeled``: inputs
+    (N, ...). Teachers run once per (teacher, data) and are cached in ``cache_dir`` if given.
+    Labels come from :func:`labels.make_pseudo_labels` (``method``, ``strategy``, ``tau``,
+    ``temperature``, ``balance``, ``select``); the student is trained by
+    :func:`student.train_student` (with the UHC loss of ``method`` when ``backprop``), then
+    fine-tuned on ``labeled`` = (x, y) if given, and written to ``output`` (ONNX with the
+    ``neuralmerge.classes`` metadata) if given. Nothing is written when any step fails.
+    """
+    import numpy as np
+
+    from neuralmerge.compose import labels as pseudo
+    from neuralmerge.compose import student as students
+    from neuralmerge.compose.teachers import as_teacher, teacher_logits
+
+    if output is not None:
+        from neuralmerge.io.onnx_files import check_output_path
+
+        check_output_path(output, force=force)
+    if backprop and method not in pseudo.BACKPROP_METHODS:
+        raise CompositionError(f"--backprop works with --method {', '.join(pseudo.BACKPROP_METHODS)}, not '{method}'")
+    if backprop and balance:
+        raise CompositionError("--balance weights estimated soft labels; it does not apply with --backprop")
+    teacher_list = [as_teacher(t, i) for i, t in enumerate(teachers)]
+    union, supports, input_shape = _check_inputs(teacher_list, classes, unlabeled)
+    labeled_x = labeled_y = None
+    if labeled is not None:
+        labeled_x = np.asarray(labeled[0], dtype=np.float32)
+        labeled_y = _label_indices(labeled[1], union)
+        if labeled_x.shape[1:] != input_shape or len(labeled_x) != len(labeled_y) or not len(labeled_x):
+            raise CompositionError(f"labeled data must be x {['N', *input_shape]} with one label per sample, got "
+                                   f"x {list(labeled_x.shape)} and {len(labeled_y)} labels")
+    model = students.build_student(student, union, input_shape, seed)
+
+    x = np.ascontiguousarray(unlabeled, dtype=np.float32)
+    logits, cached = teacher_logits(teacher_list, x, batch_size=teacher_batch_size, cache_dir=cache_dir,
+                                    progress=progress)
+    for teacher, names, z in zip(teacher_list, classes, logits):
+        if z.shape[1] != len(names):
+            raise CompositionError(f"teacher {teacher.name} outputs {z.shape[1]} logits but its class list has "
+                                   f"{len(names)} names")
+    labels = pseudo.make_pseudo_labels(logits, supports, len(union), method=method, strategy=strategy, tau=tau,
+                                       temperature=temperature, balance=balance, select=select)
+    training = students.train_student(model.model, x[labels.keep], labels, epochs=epochs, batch_size=batch_size,
+                                      lr=lr, hard=hard, backprop=method if backprop else None,
+                                      val_fraction=val_fraction, seed=seed, progress=progress)
+    report: dict[str, Any] = {
+        "teachers": [{"name": t.name, "classes": list(c), "cached": hit}
+                     for t, c, hit in zip(teacher_list, classes, cached)],
+        "classes": union,
+        "settings": {"method": method, "strategy": strategy if method == "vote" else None, "tau": tau,
+                     "temperature": temperature, "balance": balance, "select": select, "backprop": backprop,
+                     "hard": hard, "student": student, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                     "val_fraction": val_fraction, "seed": seed},
+        "labels": labels.stats,
+        "training": training,
+    }
+    if labeled_x is not None:
+        report["finetune"] = students.finetune(model.model, labeled_x, labeled_y, epochs=finetune_epochs,
+                                               lr=finetune_lr, seed=seed, progress=progress)
+    if output is not None:
+        report["output"] = str(output)
+        report["output_bytes"] = students.export_student(model, output, union, input_shape, force=force)
+    return CompositionResult(model.model, union, report)
+
+
+__all__ = ["CompositionError", "CompositionResult", "compose"]

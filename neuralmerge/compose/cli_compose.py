@@ -1,0 +1,176 @@
+"""``neuralmerge compose``: black-box classifiers + unlabeled data → one student ONNX for all their classes."""
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from neuralmerge.compose import CompositionError
+from neuralmerge.errors import NeuralMergeError
+
+_METHODS = ("vote", "sd", "ce", "mf-p", "mf-lu", "mf-lf")  # = labels.METHODS, kept here so --help stays light
+_STRATEGIES = ("unanimous", "consensus", "affirmative")
+
+
+def read_class_file(path: str) -> list[str]:
+    """Class names, one per line, in output order; trailing blank lines are ignored, inner ones are an error."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CompositionError(f"{path}: cannot read class list ({exc.__class__.__name__})") from None
+    names = [line.strip() for line in lines]
+    while names and not names[-1]:
+        names.pop()
+    if not names:
+        raise CompositionError(f"{path}: the class list is empty")
+    if "" in names:
+        raise CompositionError(f"{path}: line {names.index('') + 1} is blank")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise CompositionError(f"{path}: class '{duplicates[0]}' is listed twice")
+    return names
+
+
+def read_array_file(path: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Arrays from a ``.npy`` (the first key) or ``.npz`` file (every key must be present)."""
+    import numpy as np
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise CompositionError(f"{path}: cannot read as .npy/.npz ({str(exc).splitlines()[0][:200]})") from None
+    if isinstance(loaded, np.ndarray):
+        if len(keys) > 1:
+            raise CompositionError(f"{path}: expected an .npz file with arrays {', '.join(keys)}")
+        return {keys[0]: loaded}
+    with loaded:
+        missing = [k for k in keys if k not in loaded.files]
+        if missing:
+            raise CompositionError(f"{path}: no array '{missing[0]}' (found {', '.join(loaded.files) or 'none'})")
+        return {k: loaded[k] for k in keys}
+
+
+@click.argument("teachers", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--classes", "class_files", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="A teacher's class names, one per line in output order; once per teacher, same order.")
+@click.option("--unlabeled", required=True, type=click.Path(dir_okay=False),
+              help="Unlabeled inputs: .npy, or .npz with key x; shape (N, C, H, W) like the teachers' input.")
+@click.option("--student", default="lenet", show_default=True,
+              help="lenet, resnet, mobilenet, or an ONNX file whose weights start the student (final Gemm resized).")
+@click.option("--method", type=click.Choice(_METHODS), default="ce", show_default=True,
+              help="How teachers' outputs become soft labels: vote, or the UHC estimators sd/ce/mf-p/mf-lu/mf-lf.")
+@click.option("--strategy", type=click.Choice(_STRATEGIES), default="consensus", show_default=True,
+              help="--method vote: keep a sample when all / at least half / any of the teachers knowing its class agree.")
+@click.option("--tau", type=float, default=None,
+              help="Entropy filter: ignore a teacher's prediction whose normalised entropy (0..1) exceeds this.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature of teacher logits.")
+@click.option("--balance", is_flag=True, help="Weight classes by the inverse mean soft label (UHC's BS).")
+@click.option("--select", type=click.Choice(["none", "least-entropy"]), default="none", show_default=True,
+              help="least-entropy: learn each sample from the most certain teacher that knows its class.")
+@click.option("--backprop", is_flag=True, help="Train through the UHC loss of --method directly (the -BP variants).")
+@click.option("--hard", is_flag=True, help="Train with cross-entropy to the labels' argmax instead of KL to soft labels.")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--val-fraction", type=float, default=0.1, show_default=True,
+              help="Held-out share of the pseudo-labelled samples used to pick the best epoch.")
+@click.option("--labeled", type=click.Path(dir_okay=False),
+              help=".npz with x and y (class names or indices into the output class list): fine-tune afterwards.")
+@click.option("--finetune-epochs", type=int, default=5, show_default=True)
+@click.option("--finetune-lr", type=float, default=1e-4, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Where teacher outputs are cached [default: $XDG_CACHE_HOME/neuralmerge/teachers].")
+@click.option("--no-cache", is_flag=True, help="Always run the teachers; store nothing.")
+@click.option("--threads", type=int, default=0, show_default=True, help="torch / onnxruntime threads (0 = their default).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Student ONNX file to write.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write settings, label stats and training history as JSON.")
+@click.option("--force", is_flag=True, help="Overwrite existing output/report files.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Per-epoch history; full traceback on errors.")
+def _compose(teachers: tuple[str, ...], class_files: tuple[str, ...], unlabeled: str, verbose: bool, **options: Any
+             ) -> None:
+    """Compose black-box classifiers (TEACHERS, ONNX files) into one student for the union of their classes.
+
+    Model Composition (BMVC 2021) Algorithm 1 with UHC (CVPR 2019) soft labels: run the teachers on
+    the unlabeled data, filter by entropy, aggregate, train the student, optionally fine-tune on a
+    few labels, and write it as ONNX with its class names in the metadata key neuralmerge.classes.
+    """
+    try:
+        _run(teachers, class_files, unlabeled, verbose=verbose, **options)
+    except NeuralMergeError as exc:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
+
+
+def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled: str, *, student: str, method: str,
+         strategy: str, tau: float | None, temperature: float, balance: bool, select: str, backprop: bool, hard: bool,
+         epochs: int, batch_size: int, lr: float, val_fraction: float, labeled: str | None, finetune_epochs: int,
+         finetune_lr: float, cache_dir: str | None, no_cache: bool, threads: int, seed: int, output: str,
+         report_path: str | None, force: bool, quiet: bool, verbose: bool) -> None:
+    # Check every input before the slow parts, and write nothing until everything has succeeded.
+    from neuralmerge.io.onnx_files import check_output_path, write_bytes_atomic
+
+    for path in (output, report_path):
+        if path:
+            check_output_path(path, force=force)
+    if len(class_files) != len(teacher_paths):
+        raise CompositionError(f"got {len(teacher_paths)} teachers but {len(class_files)} --classes files")
+    classes = [read_class_file(path) for path in class_files]
+    x = read_array_file(unlabeled, ("x",))["x"]
+    labeled_data = None
+    if labeled:
+        arrays = read_array_file(labeled, ("x", "y"))
+        labeled_data = (arrays["x"], arrays["y"])
+
+    import torch
+
+    from neuralmerge.compose import compose
+    from neuralmerge.compose.teachers import default_cache_dir, onnx_teacher
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    teachers = [onnx_teacher(path, threads=threads) for path in teacher_paths]
+    for teacher, names, path in zip(teachers, classes, class_files):
+        if teacher.output_width is not None and teacher.output_width != len(names):
+            raise CompositionError(f"{path} has {len(names)} class names but {teacher.name} outputs "
+                                   f"{teacher.output_width} logits")
+    result = compose(
+        teachers, classes, x, method=method, strategy=strategy, tau=tau, temperature=temperature, balance=balance,
+        select=select, backprop=backprop, hard=hard, student=student, epochs=epochs, batch_size=batch_size, lr=lr,
+        val_fraction=val_fraction, labeled=labeled_data, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+        output=output, force=force, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
+        seed=seed, progress=not quiet,
+    )
+    report = result.report
+    report["unlabeled"] = str(unlabeled)
+    for entry, path in zip(report["teachers"], class_files):
+        entry["class_file"] = str(path)
+    if report_path:
+        write_bytes_atomic(json.dumps(report, indent=1).encode(), report_path, force=True)
+    if quiet:
+        return
+    stats, training = report["labels"], report["training"]
+    cached = sum(t["cached"] for t in report["teachers"])
+    click.echo(f"{len(teachers)} teachers ({cached} from cache), {len(result.classes)} classes; "
+               f"{stats['samples']} unlabeled samples -> {stats['after_entropy_filter']} after --tau -> "
+               f"{stats['kept']} pseudo-labelled ({method}{'-bp' if backprop else ''}{', balanced' if balance else ''})")
+    if verbose:
+        for record in training["history"]:
+            click.echo(f"  epoch {record['epoch']}: loss {record['loss']:.4f}"
+                       + (f", held-out agreement {record['val_agreement']:.4f}" if "val_agreement" in record else ""))
+    agreement = training["best_val_agreement"]
+    click.echo(f"student {student}: best epoch {training['best_epoch']}/{epochs}"
+               + (f", held-out agreement with pseudo-labels {agreement:.4f}" if agreement is not None else ""))
+    if "finetune" in report:
+        click.echo(f"fine-tuned on {report['finetune']['samples']} labeled samples "
+                   f"(train accuracy {report['finetune']['train_accuracy']:.4f})")
+    click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
+
+
+compose_cmd = click.command("compose")(_compose)

@@ -1,0 +1,264 @@
+"""The student: build it, train it on pseudo-labels, fine-tune it on labels, export it as ONNX.
+
+The training loop is small and self-contained on purpose (Adam, cosine decay, best checkpoint by
+held-out agreement with the pseudo-labels); the calibration trainer in ``neuralmerge.calibrate``
+may absorb it later.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+from tqdm import tqdm
+
+from neuralmerge.compose import CompositionError
+from neuralmerge.compose.labels import BACKPROP_METHODS, PseudoLabels, uhc_loss
+
+STUDENTS: tuple[str, ...] = ("lenet", "resnet", "mobilenet")
+CLASSES_KEY = "neuralmerge.classes"
+
+
+@dataclass
+class Student:
+    """A trainable student; ``template`` is the resized ONNX graph of an ONNX-initialised student."""
+
+    model: nn.Module
+    template: onnx.ModelProto | None = None
+
+
+# ----------------------------------------------------------------------------------- building
+
+
+def _builtin_student(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    from neuralmerge.zoo.architectures import LeNet, MobileNetStyle, ResNetStyle
+
+    if len(input_shape) != 3:
+        raise CompositionError(f"--student {name} takes images (C, H, W); the teachers take {list(input_shape)}")
+    channels, height, width = input_shape
+    if name == "lenet":
+        if height != width or height % 4:
+            raise CompositionError(f"--student lenet needs square images with a side divisible by 4, got {height}x{width}")
+        return LeNet(num_classes, in_channels=channels, image_size=height)
+    if name == "resnet":
+        return ResNetStyle(num_classes, in_channels=channels)
+    return MobileNetStyle(num_classes, in_channels=channels)
+
+
+def _declared_classes(model: onnx.ModelProto) -> list[str] | None:
+    for prop in model.metadata_props:
+        if prop.key == CLASSES_KEY:
+            try:
+                names = json.loads(prop.value)
+            except json.JSONDecodeError:
+                return None
+            return names if isinstance(names, list) else None
+    return None
+
+
+def resize_gemm_head(model: onnx.ModelProto, classes: list[str], rng: np.random.Generator) -> onnx.ModelProto:
+    """A copy of ``model`` whose final Gemm has one output per class of ``classes``.
+
+    Rows of classes the file already knows (by its ``neuralmerge.classes`` metadata) are kept; a
+    head that already has the right width and no metadata is kept whole; other rows get nn.Linear's
+    default uniform initialisation.
+    """
+    model = copy.deepcopy(model)
+    graph = model.graph
+    output = graph.output[0].name
+    producer = next((node for node in graph.node if output in node.output), None)
+    if producer is None or producer.op_type != "Gemm":
+        found = producer.op_type if producer is not None else "no node"
+        raise CompositionError(f"--student ONNX: the output must come straight from a Gemm (found {found})")
+    initializers = {init.name: init for init in graph.initializer}
+    if producer.input[1] not in initializers:
+        raise CompositionError("--student ONNX: the final Gemm's weight is not a stored initializer")
+    trans_b = next((a.i for a in producer.attribute if a.name == "transB"), 0)
+    weight = numpy_helper.to_array(initializers[producer.input[1]])
+    weight = weight if trans_b else weight.T                                   # (K_old, F)
+    has_bias = len(producer.input) > 2 and producer.input[2] in initializers
+    bias = numpy_helper.to_array(initializers[producer.input[2]]) if has_bias else np.zeros(len(weight), weight.dtype)
+    if bias.shape != (len(weight),):
+        raise CompositionError("--student ONNX: the final Gemm's bias is not one value per output")
+
+    old_names = _declared_classes(model)
+    if old_names is None and len(weight) == len(classes):
+        return model
+    bound = 1.0 / np.sqrt(weight.shape[1])
+    new_weight = rng.uniform(-bound, bound, (len(classes), weight.shape[1])).astype(weight.dtype)
+    new_bias = rng.uniform(-bound, bound, len(classes)).astype(bias.dtype)
+    old_rows = {name: row for row, name in enumerate(old_names or []) if row < len(weight)}
+    for row, name in enumerate(classes):
+        if name in old_rows:
+            new_weight[row], new_bias[row] = weight[old_rows[name]], bias[old_rows[name]]
+    initializers[producer.input[1]].CopyFrom(
+        numpy_helper.from_array(new_weight if trans_b else new_weight.T, producer.input[1]))
+    if has_bias:
+        initializers[producer.input[2]].CopyFrom(numpy_helper.from_array(new_bias, producer.input[2]))
+    for info in [*graph.output, *graph.value_info]:
+        if info.name == output and len(info.type.tensor_type.shape.dim) == 2:
+            info.type.tensor_type.shape.dim[1].Clear()
+            info.type.tensor_type.shape.dim[1].dim_value = len(classes)
+    return model
+
+
+def build_student(spec: str, classes: list[str], input_shape: tuple[int, ...], seed: int = 0) -> Student:
+    """``lenet`` / ``resnet`` / ``mobilenet`` (from zoo.architectures), or an ONNX file whose weights start the student."""
+    torch.manual_seed(seed)
+    if spec in STUDENTS:
+        return Student(_builtin_student(spec, len(classes), input_shape))
+    if not spec.endswith(".onnx") and not Path(spec).is_file():
+        raise CompositionError(f"--student must be one of {', '.join(STUDENTS)} or an ONNX file, got '{spec}'")
+    from neuralmerge.graph.importer import import_onnx
+    from neuralmerge.io.onnx_files import load_model
+
+    template = resize_gemm_head(load_model(spec), classes, np.random.default_rng(seed))
+    declared = template.graph.input[0].type.tensor_type.shape.dim[1:]
+    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in declared)
+    if all(d is not None for d in dims) and dims != tuple(input_shape):
+        raise CompositionError(f"--student {spec} takes inputs {list(dims)} but the teachers take {list(input_shape)}")
+    return Student(import_onnx(template), template)
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+def _split_validation(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    order = rng.permutation(n)
+    n_val = int(round(n * fraction)) if n >= 20 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(x[s:s + batch_size]) for s in range(0, len(x), batch_size)]).numpy()
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=generator)
+    batches = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:  # BatchNorm cannot train on a batch of one
+        batches.pop()
+    return batches
+
+
+def train_student(model: nn.Module, x: np.ndarray, labels: PseudoLabels, *, epochs: int = 10,
+                  batch_size: int = 64, lr: float = 1e-3, hard: bool = False, backprop: str | None = None,
+                  val_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Train on the kept samples ``x`` (aligned with ``labels.soft``); keep the best held-out checkpoint.
+
+    The loss is KL to the soft labels (cross-entropy up to a constant), cross-entropy to their
+    argmax with ``hard``, or the UHC objective of ``backprop`` through the student's output.
+    Class weights from ``labels.class_weights`` scale every class's term. A random
+    ``val_fraction`` of the samples is held out; after each epoch the student's top-1 agreement
+    with the pseudo-labels there picks the checkpoint that is kept.
+    """
+    if epochs < 1:
+        raise CompositionError(f"--epochs must be >= 1, got {epochs}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise CompositionError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if backprop is not None and backprop not in BACKPROP_METHODS:
+        raise CompositionError(f"--backprop works with --method {', '.join(BACKPROP_METHODS)}, not '{backprop}'")
+    if backprop is not None and labels.class_weights is not None:
+        raise CompositionError("--balance weights estimated soft labels; it does not apply with --backprop")
+    rng = np.random.default_rng(seed)
+    train_rows, val_rows = _split_validation(len(x), val_fraction, rng)
+    inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    soft = torch.from_numpy(labels.soft)
+    weights = torch.ones(soft.shape[1]) if labels.class_weights is None else torch.from_numpy(
+        labels.class_weights.astype(np.float32))
+    if backprop is not None:
+        teacher_logits = torch.from_numpy(labels.outputs.logits.astype(np.float32))
+        teacher_probs = torch.from_numpy(labels.outputs.probs.astype(np.float32))
+        mask = torch.from_numpy(labels.active[:, :, None] & labels.outputs.support[None]).float()
+
+    generator = torch.Generator().manual_seed(seed)
+    steps = epochs * len(_batches(len(train_rows), batch_size, torch.Generator().manual_seed(seed)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    history: list[dict[str, float]] = []
+    best_state, best_agreement, best_epoch = None, -1.0, epochs
+    train_index = torch.from_numpy(train_rows)
+    reference = labels.soft[val_rows].argmax(axis=1)
+    for epoch in tqdm(range(1, epochs + 1), desc="student", unit="epoch", disable=not progress, leave=False):
+        model.train()
+        total = 0.0
+        for batch in _batches(len(train_index), batch_size, generator):
+            rows = train_index[batch]
+            out = model(inputs[rows])
+            if backprop is not None:
+                loss = uhc_loss(backprop, out, teacher_logits[rows], teacher_probs[rows], mask[rows])
+            elif hard:
+                loss = nn.functional.cross_entropy(out, soft[rows].argmax(dim=1), weight=weights)
+            else:
+                loss = -(weights * soft[rows] * torch.log_softmax(out, dim=1)).sum(dim=1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(rows)
+        record = {"epoch": epoch, "loss": round(total / max(len(train_rows), 1), 6)}
+        if len(val_rows):
+            agreement = float((_predict(model, inputs[val_rows]).argmax(axis=1) == reference).mean())
+            record["val_agreement"] = round(agreement, 4)
+            if agreement > best_agreement:
+                best_state, best_agreement, best_epoch = copy.deepcopy(model.state_dict()), agreement, epoch
+        history.append(record)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return {"train_samples": int(len(train_rows)), "val_samples": int(len(val_rows)), "best_epoch": best_epoch,
+            "best_val_agreement": round(best_agreement, 4) if len(val_rows) else None, "history": history}
+
+
+def finetune(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 5, batch_size: int = 64,
+             lr: float = 1e-4, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Semi-supervised step of Algorithm 1: cross-entropy on the few labeled samples (``y`` = union indices)."""
+    from neuralmerge.zoo.train import train_classifier
+
+    train_classifier(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, quiet=not progress)
+    accuracy = float((_predict(model, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).argmax(axis=1)
+                      == y).mean())
+    return {"samples": int(len(x)), "epochs": epochs, "lr": lr, "train_accuracy": round(accuracy, 4)}
+
+
+# ----------------------------------------------------------------------------------- export
+
+
+def export_student(student: Student, path: str | os.PathLike, classes: list[str], input_shape: tuple[int, ...],
+                   *, force: bool = False) -> int:
+    """Write the student as ONNX with its class names under ``neuralmerge.classes``; return the byte size."""
+    from neuralmerge.io.onnx_files import save_model_atomic
+
+    if student.template is not None:
+        model = student.model.write_back(student.template)
+    else:
+        from neuralmerge.zoo.train import export_onnx
+
+        with tempfile.TemporaryDirectory() as folder:
+            model = onnx.load(str(export_onnx(student.model, Path(folder) / "student.onnx", input_shape)))
+    kept = [p for p in model.metadata_props if p.key != CLASSES_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=CLASSES_KEY, value=json.dumps(classes))
+    return save_model_atomic(model, path, force=force)
+
+
+def read_classes(path: str | os.PathLike) -> list[str]:
+    """The ``neuralmerge.classes`` list of a composed ONNX file."""
+    from neuralmerge.io.onnx_files import load_model
+
+    names = _declared_classes(load_model(path))
+    if names is None:
+        raise CompositionError(f"{path} has no '{CLASSES_KEY}' metadata")
+    return names
