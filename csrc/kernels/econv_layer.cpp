@@ -7,18 +7,29 @@
 // an output channel's sum is one contiguous run of the table T[phase][v][c][pixel] at a
 // constant offset. Columns past the real output width are computed and dropped.
 //
-// The output is produced in strips of output rows whose table fits in L2; each strip builds its
-// table (one sgemm per phase and segment, inner dimension r), converts it to the layer's
-// precision and sums the runs with the ISA kernels of lut_internal.h.
+// The output is produced in strips of output rows whose table fits in L2 (or, when a strip's
+// table must be larger, a chunk of its segments at a time); each strip builds its table (per
+// phase and segment a GEMM with inner dimension r: the ISA's fused kernel, which narrows as it
+// stores, or sgemm plus a narrowing pass), and sums the runs with the ISA kernels of
+// lut_internal.h. int8 layers on CPUs with AVX-512 VNNI build the table from uint8
+// activations and int8 codewords (vpdpbusd).
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
+
+#if defined(__unix__)
+#include <unistd.h>
+#endif
 
 #include "../blas.h"
 #include "lut_internal.h"
@@ -29,10 +40,10 @@ namespace {
 using detail::KernelTable;
 using detail::kPixelBlock;
 
-// Table bytes per strip we aim for: about a 2 MB L2 (measured: 1 MB and 2 MB are within noise
-// of each other on the Xeon this was written on; the accumulate is L2-bandwidth-bound).
+// Table bytes built and summed at a time (a strip, or a chunk of its segments): about a 2 MB
+// L2. On the Xeon this was tuned on, a VGG 28x28x256 table of 5 MB per strip built and summed
+// in one piece ran 1.4x (fp32) slower than in chunks that stay in L2.
 constexpr int64_t kTableBudgetBytes = int64_t{2} << 20;
-constexpr int64_t kChannelsPerCall = 8;  // output rows of one accumulate call stay in L1
 
 [[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
 
@@ -68,18 +79,122 @@ std::vector<float> widened_codebook(const EncodedWeight& w) {
     return out;
 }
 
-// Runs fn(0..units-1) on up to `threads` threads (the caller's thread is one of them).
-template <typename Fn>
-void parallel_units(int64_t units, int threads, const Fn& fn) {
-    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, units));
-    std::vector<std::thread> pool;
-    for (int64_t id = 1; id < workers; ++id) {
-        pool.emplace_back([&, id] {
-            for (int64_t u = id; u < units; u += workers) fn(id, u);
-        });
+// Helper threads kept for the life of the process: starting and joining std::threads on every
+// call cost tens of microseconds, as much as a small layer's whole compute.
+class WorkerPool {
+ public:
+    static WorkerPool& instance() {
+        // Never destroyed: its threads outlive static destructors. A forked child has none of
+        // the parent's threads, so it starts a pool of its own.
+        static WorkerPool* pool = nullptr;
+        static std::mutex create;
+        std::lock_guard<std::mutex> lock(create);
+#if defined(__unix__)
+        if (pool && pool->owner_ != getpid()) pool = nullptr;  // the parent's pool: leaked
+#endif
+        if (!pool) pool = new WorkerPool;
+        return *pool;
     }
-    for (int64_t u = 0; u < units; u += workers) fn(0, u);
-    for (auto& thread : pool) thread.join();
+
+    // Runs fn(worker, unit) for every unit < units; worker w < workers takes units w, w + workers, ...
+    // The caller is worker 0. Concurrent callers take turns.
+    void run(int64_t units, int64_t workers, const std::function<void(int64_t, int64_t)>& fn) {
+        std::lock_guard<std::mutex> turn(run_mutex_);
+        {
+            std::unique_lock<std::mutex> lock(mutex_);
+            while (static_cast<int64_t>(threads_.size()) < workers - 1) {
+                const int64_t id = static_cast<int64_t>(threads_.size()) + 1;
+                threads_.emplace_back([this, id] { serve(id); });
+            }
+            job_ = &fn;
+            units_ = units;
+            workers_ = workers;
+            pending_ = workers - 1;
+            ++generation_;
+        }
+        wake_.notify_all();
+        for (int64_t u = 0; u < units; u += workers) fn(0, u);
+        std::unique_lock<std::mutex> lock(mutex_);
+        done_.wait(lock, [this] { return pending_ == 0; });
+    }
+
+ private:
+    void serve(int64_t id) {
+        uint64_t seen = 0;
+        for (;;) {
+            std::unique_lock<std::mutex> lock(mutex_);
+            wake_.wait(lock, [&] { return generation_ != seen; });
+            seen = generation_;
+            if (id >= workers_) continue;  // not needed this time
+            const auto* job = job_;
+            const int64_t units = units_, workers = workers_;
+            lock.unlock();
+            for (int64_t u = id; u < units; u += workers) (*job)(id, u);
+            lock.lock();
+            if (--pending_ == 0) done_.notify_one();
+        }
+    }
+
+    std::mutex run_mutex_, mutex_;
+    std::condition_variable wake_, done_;
+    std::vector<std::thread> threads_;
+    const std::function<void(int64_t, int64_t)>* job_ = nullptr;
+    int64_t units_ = 0, workers_ = 0, pending_ = 0;
+    uint64_t generation_ = 0;
+#if defined(__unix__)
+    const pid_t owner_ = getpid();
+#endif
+};
+
+// Runs fn(worker, unit) for unit < units on up to `threads` threads (the caller's thread is one).
+void parallel_units(int64_t units, int threads, const std::function<void(int64_t, int64_t)>& fn) {
+    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, units));
+    if (workers == 1) {
+        for (int64_t u = 0; u < units; ++u) fn(0, u);
+        return;
+    }
+    WorkerPool::instance().run(units, workers, fn);
+}
+
+// Whether the ISA builds tables of this precision with a fused kernel (no fp32 scratch).
+bool has_fused_build(const KernelTable& k, LutPrecision precision) {
+    switch (precision) {
+        case LutPrecision::kFp32: return k.conv_table_f32 != nullptr;
+        case LutPrecision::kFp16: return k.conv_table_f16 != nullptr;
+        case LutPrecision::kInt16: return k.conv_table_i16 != nullptr;
+        case LutPrecision::kInt8: return k.conv_table_i8 != nullptr;
+    }
+    return false;
+}
+
+// Builds rows x ld table entries at element `first` of `table` with the ISA's fused kernel
+// (codewords r floats apart, `used` of them real); false when the ISA has none (the caller then
+// uses sgemm and narrows).
+bool build_table(const KernelTable& k, LutPrecision precision, const float* codebook, int64_t rows, int64_t r,
+                 int64_t used, const float* x, int64_t x_stride, int64_t ld, float inv_scale, float* table,
+                 int64_t first) {
+    switch (precision) {
+        case LutPrecision::kFp32:
+            if (!k.conv_table_f32) return false;
+            k.conv_table_f32(codebook, rows, r, used, x, x_stride, ld, inv_scale, table + first);
+            return true;
+        case LutPrecision::kFp16:
+            if (!k.conv_table_f16) return false;
+            k.conv_table_f16(codebook, rows, r, used, x, x_stride, ld, inv_scale,
+                             reinterpret_cast<uint16_t*>(table) + first);
+            return true;
+        case LutPrecision::kInt16:
+            if (!k.conv_table_i16) return false;
+            k.conv_table_i16(codebook, rows, r, used, x, x_stride, ld, inv_scale,
+                             reinterpret_cast<int16_t*>(table) + first);
+            return true;
+        case LutPrecision::kInt8:
+            if (!k.conv_table_i8) return false;
+            k.conv_table_i8(codebook, rows, r, used, x, x_stride, ld, inv_scale,
+                            reinterpret_cast<int8_t*>(table) + first);
+            return true;
+    }
+    return false;
 }
 
 }  // namespace
@@ -95,12 +210,23 @@ struct ConvPlan {
     int64_t strips = 0;
     int64_t strip_pixels = 0;   // strip_rows * phase_w rounded up to kPixelBlock
     int64_t ld = 0;             // table row length
+    int64_t chunk_segments = 0; // segments whose table is built (and summed) at a time
+    std::vector<int64_t> chunk_rows;  // per chunk: table rows of its segments (of one phase slot)
     int64_t input_floats = 0;   // phase planes of the whole input
+    int64_t quantised_floats = 0;  // int8 VNNI build: the phase planes as interleaved uint8
     int64_t table_floats = 0;   // per worker
     int64_t scratch_floats = 0; // per worker: fp32 sgemm output before narrowing
-    int64_t out_floats = 0;     // per worker: kChannelsPerCall output rows
+    int64_t out_floats = 0;     // per worker: the strip's rows of every output channel of a group
     int64_t worker_floats = 0;
     int workers = 1;
+};
+
+// One image group's activations as uint8 for the VNNI table build: value = scale * (q - zero),
+// with zero 0 for inputs >= 0 (after ReLU) and 128 otherwise.
+struct QuantisedInput {
+    const uint8_t* data = nullptr;  // [rho][r4/4][slot][plane_stride][4]
+    float scale = 1.0f;
+    bool offset = false;  // zero point 128
 };
 
 struct EConvLayer::Impl {
@@ -114,17 +240,34 @@ struct EConvLayer::Impl {
     std::vector<float> codebook;         // [total_rows, r]: only the rows the codes use
     std::vector<float> bias;
     std::vector<float> codeword_norm;    // per segment: largest L2 norm of its codewords
-    std::vector<int32_t> term_row;       // [p][terms]: phase slot * total_rows + base[v] + code
-    std::vector<int32_t> term_shift_h, term_shift_w;  // [p][terms]: the term's tap shift
+    // Per term, [p][kernel_h][kernel_w][rho] like the codes: the term's phase slot,
+    // base[v] + code, and tap shift.
+    std::vector<int32_t> term_slot, term_row, term_shift_h, term_shift_w;
     std::vector<int64_t> phase_slots;    // used phases as a*stride_w + b, in slot order
     int64_t shift_h_max = 0, shift_w_max = 0;
     std::string name;
+    // int8 with a VNNI kernel: the table is built from uint8 activations and int8 codewords.
+    bool vnni = false;
+    int64_t r4 = 0;                        // r rounded up to a multiple of 4
+    std::vector<int8_t> codebook_i8;       // [total_rows, r4], zero past a segment's channels
+    std::vector<float> codebook_i8_scale;  // per segment
+    std::vector<int32_t> codeword_sum;     // [total_rows]: 128 x sum of the int8 codeword
+    std::vector<int32_t> no_correction;    // zeros, one per row of the largest segment
+
+    mutable std::mutex offsets_mutex;  // guards the two below
+    mutable std::array<int64_t, 3> cached_key{};
+    mutable std::shared_ptr<const std::vector<int32_t>> cached_offsets;
 
     ConvPlan plan(const Shape4& in) const;
+    std::shared_ptr<const std::vector<int32_t>> term_offsets(const ConvPlan& plan) const;
     void fill_phases(const float* x, const ConvPlan& plan, float* phases) const;
     float table_scale(const ConvPlan& plan, const float* phases, int64_t n, int64_t grp) const;
-    void run_strip(const ConvPlan& plan, const float* phases, const std::vector<int32_t>& offsets, int64_t n,
-                   int64_t grp, int64_t strip, float scale, float* worker, float* y) const;
+    void quantise_codebook();
+    QuantisedInput quantise_input(const ConvPlan& plan, const float* phases, int64_t n, int64_t grp,
+                                  uint8_t* out) const;
+    void run_strip(const ConvPlan& plan, const float* phases, const QuantisedInput* quantised,
+                   const std::vector<int32_t>& offsets, int64_t n, int64_t grp, int64_t strip, float scale,
+                   float* worker, float* y) const;
 };
 
 EConvLayer::EConvLayer(const EncodedWeight& weight, const ConvGeometry& g, const LutOptions& opt)
@@ -170,6 +313,8 @@ EConvLayer::EConvLayer(const EncodedWeight& weight, const ConvGeometry& g, const
         }
     }
     m.bias.assign(w.bias, w.bias + w.out_channels);
+    m.vnni = opt.precision == LutPrecision::kInt8 && m.kernels->conv_table_u8s8;
+    if (m.vnni) m.quantise_codebook();
 
     // Taps -> phase slot and shift.
     const int64_t taps = w.kernel_h * w.kernel_w;
@@ -189,10 +334,10 @@ EConvLayer::EConvLayer(const EncodedWeight& weight, const ConvGeometry& g, const
     m.shift_w_max = *std::max_element(tap_shift_w.begin(), tap_shift_w.end());
     const int64_t slot_rows = static_cast<int64_t>(m.phase_slots.size()) * m.total_rows;
     if (slot_rows > std::numeric_limits<int32_t>::max()) fail("lookup table has too many rows");
-    m.term_row.resize(static_cast<size_t>(w.out_channels * m.terms));
     for (int64_t i = 0; i < w.out_channels * m.terms; ++i) {
         const int64_t v = i % m.rho, tap = (i / m.rho) % taps;
-        m.term_row[i] = static_cast<int32_t>(tap_slot[tap] * m.total_rows + m.base[v] + codes[i]);
+        m.term_slot.push_back(static_cast<int32_t>(tap_slot[tap]));
+        m.term_row.push_back(static_cast<int32_t>(m.base[v] + codes[i]));
         m.term_shift_h.push_back(static_cast<int32_t>(tap_shift_h[tap]));
         m.term_shift_w.push_back(static_cast<int32_t>(tap_shift_w[tap]));
     }
@@ -232,6 +377,7 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in) const {
 
     const int64_t slots = static_cast<int64_t>(phase_slots.size());
     const int64_t bytes = element_bytes(options.precision);
+    const int64_t max_rows = *std::max_element(rows.begin(), rows.end());
     // Rows per strip: the table of (strip_rows + shift_h_max) phase rows should fit the budget.
     const int64_t row_bytes = slots * total_rows * p.phase_w * bytes;
     // At least 4 * shift_h_max rows, so that rebuilding the rows strips share costs <= 25%.
@@ -250,12 +396,25 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in) const {
     const int64_t last_strip_start = (p.strips - 1) * p.strip_rows * p.phase_w;
     p.plane_stride = round_up(std::max(p.phase_h * p.phase_w, last_strip_start + p.ld), 16);
     if (slots * total_rows * p.ld > std::numeric_limits<int32_t>::max()) fail("lookup table too large");
+    const int64_t segment_table_bytes = slots * max_rows * p.ld * bytes;
+    // When that floor makes the strip's table outgrow the budget, it is built and summed a
+    // chunk of segments at a time: a table spilling to L3 made both its (store-bound) build and
+    // its sums slow.
+    p.chunk_segments = std::clamp<int64_t>(kTableBudgetBytes / std::max<int64_t>(segment_table_bytes, 1), 1, rho);
+    int64_t chunk_rows_max = 0;
+    for (int64_t v0 = 0; v0 < rho; v0 += p.chunk_segments) {
+        const int64_t v1 = std::min(rho, v0 + p.chunk_segments);
+        p.chunk_rows.push_back((v1 < rho ? base[v1] : total_rows) - base[v0]);
+        chunk_rows_max = std::max(chunk_rows_max, p.chunk_rows.back());
+    }
 
     p.input_floats = in.n * in.c * slots * p.plane_stride;
-    p.table_floats = round_up(ceil_div(slots * total_rows * p.ld * bytes, 4), 16);
-    const int64_t max_rows = *std::max_element(rows.begin(), rows.end());
-    p.scratch_floats = options.precision == LutPrecision::kFp32 ? 0 : round_up(max_rows * p.ld, 16);
-    p.out_floats = kChannelsPerCall * p.strip_pixels;
+    p.quantised_floats = vnni ? in.n * geometry.group * rho * r4 * slots * p.plane_stride / 4 : 0;
+    p.table_floats = round_up(ceil_div(slots * chunk_rows_max * p.ld * bytes, 4), 16);
+    const bool narrows_scratch = options.precision != LutPrecision::kFp32 && !vnni &&
+                                 !has_fused_build(*kernels, options.precision);
+    p.scratch_floats = narrows_scratch ? round_up(max_rows * p.ld, 16) : 0;
+    p.out_floats = out_channels / g.group * p.strip_pixels;
     p.worker_floats = p.table_floats + p.scratch_floats + p.out_floats;
     p.workers = static_cast<int>(std::min<int64_t>(options.threads, p.in.n * g.group * p.strips));
     return p;
@@ -263,7 +422,59 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in) const {
 
 size_t EConvLayer::workspace_floats(const Shape4& in) const {
     const ConvPlan p = impl_->plan(in);
-    return static_cast<size_t>(p.input_floats + p.workers * p.worker_floats);
+    return static_cast<size_t>(p.input_floats + p.quantised_floats + p.workers * p.worker_floats);
+}
+
+void EConvLayer::Impl::quantise_codebook() {
+    r4 = round_up(r, 4);
+    codebook_i8.assign(static_cast<size_t>(total_rows * r4), 0);
+    codebook_i8_scale.assign(rho, 1.0f);
+    codeword_sum.assign(static_cast<size_t>(total_rows), 0);
+    no_correction.assign(static_cast<size_t>(*std::max_element(rows.begin(), rows.end())), 0);
+    for (int64_t v = 0; v < rho; ++v) {
+        const int64_t used = std::min(r, depth - v * r);
+        float largest = 0.0f;
+        for (int64_t c = base[v]; c < base[v] + rows[v]; ++c) {
+            for (int64_t k = 0; k < used; ++k) largest = std::max(largest, std::fabs(codebook[c * r + k]));
+        }
+        const float scale = largest > 0.0f ? largest / 127.0f : 1.0f;
+        codebook_i8_scale[v] = scale;
+        for (int64_t c = base[v]; c < base[v] + rows[v]; ++c) {
+            for (int64_t k = 0; k < used; ++k) {
+                const float scaled = std::clamp(codebook[c * r + k] / scale, -127.0f, 127.0f);
+                const auto q = static_cast<int8_t>(std::nearbyint(scaled));
+                codebook_i8[c * r4 + k] = q;
+                codeword_sum[c] += 128 * q;
+            }
+        }
+    }
+}
+
+// Activations of image n, group grp as uint8, four channels of a segment interleaved per pixel
+// (the vpdpbusd operand layout). The scale is options.input_scale when calibrated, else the
+// range of this input; inputs >= 0 use all 256 levels, others a zero point of 128.
+QuantisedInput EConvLayer::Impl::quantise_input(const ConvPlan& p, const float* phases, int64_t n, int64_t grp,
+                                                uint8_t* out) const {
+    const int64_t slots = static_cast<int64_t>(phase_slots.size());
+    const float* first = phases + (n * p.in.c + grp * depth) * slots * p.plane_stride;
+    const int64_t count = depth * slots * p.plane_stride;
+    float low = 0.0f, high = 0.0f;
+    kernels->min_max(first, count, &low, &high);
+    QuantisedInput q;
+    q.offset = low < 0.0f;
+    const float range = q.offset ? std::max(-low, high) / 127.0f : high / 255.0f;
+    q.scale = options.input_scale > 0.0f ? options.input_scale : (range > 0.0f && std::isfinite(range) ? range : 1.0f);
+    const int64_t plane = slots * p.plane_stride;
+    for (int64_t v = 0; v < rho; ++v) {
+        const int64_t used = std::min(r, depth - v * r);
+        for (int64_t k = 0; k < r4; k += 4) {
+            kernels->quantise_quad(first + (v * r + k) * plane, std::clamp<int64_t>(used - k, 0, 4), plane,
+                                   1.0f / q.scale, q.offset ? -127.0f : 0.0f, q.offset ? 127.0f : 255.0f,
+                                   q.offset ? 128.0f : 0.0f, out + (v * r4 + k) * plane);
+        }
+    }
+    q.data = out;
+    return q;
 }
 
 void EConvLayer::Impl::fill_phases(const float* x, const ConvPlan& p, float* phases) const {
@@ -318,9 +529,9 @@ float EConvLayer::Impl::table_scale(const ConvPlan& p, const float* phases, int6
     return bound > 0.0f && std::isfinite(bound) ? bound / limit : 1.0f;
 }
 
-void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const std::vector<int32_t>& offsets,
-                                 int64_t n, int64_t grp, int64_t strip, float scale, float* worker,
-                                 float* y) const {
+void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const QuantisedInput* quantised,
+                                 const std::vector<int32_t>& offsets, int64_t n, int64_t grp, int64_t strip,
+                                 float scale, float* worker, float* y) const {
     const KernelTable& k = *kernels;
     const int64_t slots = static_cast<int64_t>(phase_slots.size());
     const int64_t row0 = strip * p.strip_rows;
@@ -331,69 +542,126 @@ void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const s
     float* out_rows = scratch + p.scratch_floats;
     const LutPrecision precision = options.precision;
 
-    // Table build: T[slot][base[v] + c][q] = <codeword c of segment v, input segment v at q>.
-    for (int64_t s = 0; s < slots; ++s) {
-        for (int64_t v = 0; v < rho; ++v) {
-            const int64_t channel = n * p.in.c + grp * depth + v * r;
-            const float* src = phases + (channel * slots + s) * p.plane_stride + row0 * p.phase_w;
-            const int64_t first = (s * total_rows + base[v]) * p.ld, count = rows[v] * p.ld;
-            float* dst = precision == LutPrecision::kFp32 ? table + first : scratch;
-            NM_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(rows[v]),
-                     static_cast<blasint>(p.ld), static_cast<blasint>(std::min(r, depth - v * r)), 1.0f,
-                     codebook.data() + base[v] * r, static_cast<blasint>(r), src,
-                     static_cast<blasint>(slots * p.plane_stride), 0.0f, dst, static_cast<blasint>(p.ld));
-            switch (precision) {
-                case LutPrecision::kFp32: break;
-                case LutPrecision::kFp16: k.to_f16(scratch, count, reinterpret_cast<uint16_t*>(table) + first); break;
-                case LutPrecision::kInt16:
-                    k.quantize_i16(scratch, count, 1.0f / scale, reinterpret_cast<int16_t*>(table) + first);
-                    break;
-                case LutPrecision::kInt8:
-                    k.quantize_i8(scratch, count, 1.0f / scale, reinterpret_cast<int8_t*>(table) + first);
-                    break;
+    const int64_t per_group = out_channels / geometry.group, t0 = grp * per_group;
+    const int64_t taps = kernel_h * kernel_w;
+    for (int64_t v0 = 0, chunk = 0; v0 < rho; v0 += p.chunk_segments, ++chunk) {
+        const int64_t v1 = std::min(rho, v0 + p.chunk_segments), chunk_rows = p.chunk_rows[chunk];
+        // Table build: T[slot][base[v] - base[v0] + c][q] = <codeword c of segment v, input
+        // segment v at q>, narrowed to the layer's precision (by the ISA kernel as it stores, or
+        // from sgemm scratch).
+        for (int64_t s = 0; s < slots; ++s) {
+            for (int64_t v = v0; v < v1; ++v) {
+                const int64_t channel = n * p.in.c + grp * depth + v * r;
+                const float* src = phases + (channel * slots + s) * p.plane_stride + row0 * p.phase_w;
+                const int64_t first = (s * chunk_rows + base[v] - base[v0]) * p.ld, count = rows[v] * p.ld;
+                const int64_t used = std::min(r, depth - v * r), x_stride = slots * p.plane_stride;
+                const float* segment = codebook.data() + base[v] * r;
+                if (quantised) {
+                    const int64_t plane = slots * p.plane_stride;
+                    // Segment v's channel quads start v * r4 / 4 quads (of 4 * plane bytes) in.
+                    const uint8_t* x4 =
+                        quantised->data + v * r4 * plane + (s * p.plane_stride + row0 * p.phase_w) * 4;
+                    const int32_t* correction =
+                        quantised->offset ? codeword_sum.data() + base[v] : no_correction.data();
+                    k.conv_table_u8s8(codebook_i8.data() + base[v] * r4, rows[v], r4, x4, 4 * plane, p.ld,
+                                      correction, quantised->scale * codebook_i8_scale[v] / scale,
+                                      reinterpret_cast<int8_t*>(table) + first);
+                    continue;
+                }
+                if (build_table(k, precision, segment, rows[v], r, used, src, x_stride, p.ld, 1.0f / scale, table,
+                                first)) {
+                    continue;
+                }
+                float* dst = precision == LutPrecision::kFp32 ? table + first : scratch;
+                NM_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(rows[v]),
+                         static_cast<blasint>(p.ld), static_cast<blasint>(used), 1.0f, segment,
+                         static_cast<blasint>(r), src, static_cast<blasint>(x_stride), 0.0f, dst,
+                         static_cast<blasint>(p.ld));
+                switch (precision) {
+                    case LutPrecision::kFp32: break;
+                    case LutPrecision::kFp16:
+                        k.to_f16(scratch, count, reinterpret_cast<uint16_t*>(table) + first);
+                        break;
+                    case LutPrecision::kInt16:
+                        k.quantize_i16(scratch, count, 1.0f / scale, reinterpret_cast<int16_t*>(table) + first);
+                        break;
+                    case LutPrecision::kInt8:
+                        k.quantize_i8(scratch, count, 1.0f / scale, reinterpret_cast<int8_t*>(table) + first);
+                        break;
+                }
             }
         }
-    }
 
-    // Sums, kChannelsPerCall output channels at a time, in chunks of terms whose integer sum
-    // cannot overflow.
-    const int64_t per_group = out_channels / geometry.group;
-    const int64_t chunk = precision == LutPrecision::kInt8    ? detail::kInt8ChunkTerms
-                          : precision == LutPrecision::kInt16 ? detail::kInt16ChunkTerms
-                                                              : terms;
-    for (int64_t t0 = grp * per_group; t0 < (grp + 1) * per_group; t0 += kChannelsPerCall) {
-        const int64_t channels = std::min(kChannelsPerCall, (grp + 1) * per_group - t0);
-        for (int64_t k0 = 0; k0 < terms; k0 += chunk) {
+        // The chunk's terms of every output channel of the group in one call (the kernels walk
+        // pixel blocks outermost), in runs whose integer sum cannot overflow.
+        const int64_t limit = precision == LutPrecision::kInt8    ? detail::kInt8ChunkTerms
+                              : precision == LutPrecision::kInt16 ? detail::kInt16ChunkTerms
+                                                                  : terms;
+        for (int64_t k0 = v0 * taps; k0 < v1 * taps; k0 += limit) {
             const int32_t* offs = offsets.data() + t0 * terms + k0;
-            const int64_t count = std::min(chunk, terms - k0);
+            const int64_t count = std::min(limit, v1 * taps - k0);
             const bool add = k0 > 0;
             switch (precision) {
                 case LutPrecision::kFp32:
-                    k.accumulate_f32(table, offs, terms, count, channels, pixels, bias.data() + t0, 1.0f, add,
+                    k.accumulate_f32(table, offs, terms, count, per_group, pixels, bias.data() + t0, 1.0f, add,
                                      out_rows, p.strip_pixels);
                     break;
                 case LutPrecision::kFp16:
-                    k.accumulate_f16(reinterpret_cast<const uint16_t*>(table), offs, terms, count, channels, pixels,
+                    k.accumulate_f16(reinterpret_cast<const uint16_t*>(table), offs, terms, count, per_group, pixels,
                                      bias.data() + t0, 1.0f, add, out_rows, p.strip_pixels);
                     break;
                 case LutPrecision::kInt16:
-                    k.accumulate_i16(reinterpret_cast<const int16_t*>(table), offs, terms, count, channels, pixels,
+                    k.accumulate_i16(reinterpret_cast<const int16_t*>(table), offs, terms, count, per_group, pixels,
                                      bias.data() + t0, scale, add, out_rows, p.strip_pixels);
                     break;
                 case LutPrecision::kInt8:
-                    k.accumulate_i8(reinterpret_cast<const int8_t*>(table), offs, terms, count, channels, pixels,
+                    k.accumulate_i8(reinterpret_cast<const int8_t*>(table), offs, terms, count, per_group, pixels,
                                     bias.data() + t0, scale, add, out_rows, p.strip_pixels);
                     break;
             }
         }
-        for (int64_t c = 0; c < channels; ++c) {
-            float* dst = y + ((n * p.out.c + t0 + c) * p.out.h + row0) * p.out.w;
-            const float* src = out_rows + c * p.strip_pixels;
-            for (int64_t oh = 0; oh < strip_rows; ++oh) {
-                std::memcpy(dst + oh * p.out.w, src + oh * p.phase_w, static_cast<size_t>(p.out.w) * sizeof(float));
+    }
+    for (int64_t c = 0; c < per_group; ++c) {
+        float* dst = y + ((n * p.out.c + t0 + c) * p.out.h + row0) * p.out.w;
+        const float* src = out_rows + c * p.strip_pixels;
+        for (int64_t oh = 0; oh < strip_rows; ++oh) {
+            std::memcpy(dst + oh * p.out.w, src + oh * p.phase_w, static_cast<size_t>(p.out.w) * sizeof(float));
+        }
+    }
+}
+
+// Term offsets for the plan's input width into each chunk's table T[slot][row - first row of
+// the chunk][pixel] (row start plus the tap's shift), reordered so that each chunk's terms are
+// one run per channel: (chunk, tap, segment) instead of the codes' (tap, segment). Cached for
+// the last input shape: layers usually see one shape, and recomputing cost ~5% of LeNet conv2.
+std::shared_ptr<const std::vector<int32_t>> EConvLayer::Impl::term_offsets(const ConvPlan& p) const {
+    const std::array<int64_t, 3> key = {p.in.n, p.in.h, p.in.w};
+    std::lock_guard<std::mutex> lock(offsets_mutex);
+    if (cached_offsets && cached_key == key) return cached_offsets;
+    const int64_t taps = kernel_h * kernel_w;
+    // Per segment: where its terms start within a channel's run, its chunk's width, the
+    // chunk's rows per phase slot and first row.
+    std::vector<int64_t> run_start(rho), width(rho), slot_rows(rho), first_row(rho);
+    for (int64_t v = 0; v < rho; ++v) {
+        const int64_t chunk = v / p.chunk_segments, v0 = chunk * p.chunk_segments;
+        width[v] = std::min(rho, v0 + p.chunk_segments) - v0;
+        run_start[v] = v0 * taps + v - v0;
+        slot_rows[v] = p.chunk_rows[chunk];
+        first_row[v] = base[v0];
+    }
+    auto offsets = std::make_shared<std::vector<int32_t>>(term_row.size());
+    for (int64_t t = 0, i = 0; t < out_channels; ++t) {
+        for (int64_t tap = 0; tap < taps; ++tap) {
+            for (int64_t v = 0; v < rho; ++v, ++i) {
+                const int64_t row = term_slot[i] * slot_rows[v] + term_row[i] - first_row[v];
+                (*offsets)[t * terms + run_start[v] + tap * width[v]] =
+                    static_cast<int32_t>(row * p.ld + term_shift_h[i] * p.phase_w + term_shift_w[i]);
             }
         }
     }
+    cached_key = key;
+    cached_offsets = offsets;
+    return offsets;
 }
 
 void EConvLayer::run(const float* x, const Shape4& in, float* y, float* workspace) const {
@@ -404,17 +672,15 @@ void EConvLayer::run(const float* x, const Shape4& in, float* y, float* workspac
         // Reused across calls: a fresh multi-megabyte allocation would be page-faulted in (and
         // zeroed by the OS) on every call, which costs more than a small layer's compute.
         thread_local std::vector<float> scratch;
-        scratch.resize(std::max(scratch.size(), static_cast<size_t>(p.input_floats + p.workers * p.worker_floats)));
+        const auto floats = static_cast<size_t>(p.input_floats + p.quantised_floats + p.workers * p.worker_floats);
+        scratch.resize(std::max(scratch.size(), floats));
         workspace = scratch.data();
     }
     float* phases = workspace;
     m.fill_phases(x, p, phases);
 
-    // Term offsets for this input width: row start plus the tap's shift.
-    std::vector<int32_t> offsets(m.term_row.size());
-    for (size_t i = 0; i < offsets.size(); ++i) {
-        offsets[i] = static_cast<int32_t>(m.term_row[i] * p.ld + m.term_shift_h[i] * p.phase_w + m.term_shift_w[i]);
-    }
+    const std::shared_ptr<const std::vector<int32_t>> offsets_shared = m.term_offsets(p);
+    const std::vector<int32_t>& offsets = *offsets_shared;
 
     const bool integer = m.options.precision == LutPrecision::kInt8 || m.options.precision == LutPrecision::kInt16;
     std::vector<float> scales(static_cast<size_t>(in.n * m.geometry.group), 1.0f);
@@ -424,11 +690,21 @@ void EConvLayer::run(const float* x, const Shape4& in, float* y, float* workspac
         }
     }
 
-    float* workers = phases + p.input_floats;
+    std::vector<QuantisedInput> quantised;
+    if (m.vnni) {
+        auto* bytes = reinterpret_cast<uint8_t*>(phases + p.input_floats);
+        const int64_t per_unit = m.rho * m.r4 * static_cast<int64_t>(m.phase_slots.size()) * p.plane_stride;
+        for (int64_t u = 0; u < in.n * m.geometry.group; ++u) {
+            quantised.push_back(m.quantise_input(p, phases, u / m.geometry.group, u % m.geometry.group,
+                                                 bytes + u * per_unit));
+        }
+    }
+
+    float* workers = phases + p.input_floats + p.quantised_floats;
     parallel_units(in.n * m.geometry.group * p.strips, p.workers, [&](int64_t worker, int64_t unit) {
         const int64_t strip = unit % p.strips, image_group = unit / p.strips;
-        m.run_strip(p, phases, offsets, image_group / m.geometry.group, image_group % m.geometry.group, strip,
-                    scales[image_group], workers + worker * p.worker_floats, y);
+        m.run_strip(p, phases, m.vnni ? &quantised[image_group] : nullptr, offsets, image_group / m.geometry.group,
+                    image_group % m.geometry.group, strip, scales[image_group], workers + worker * p.worker_floats, y);
     });
 }
 

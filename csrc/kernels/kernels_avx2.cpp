@@ -208,6 +208,13 @@ const KernelTable kAvx2 = {
     max_abs,
     fc_gather_f32,
     fc_gather_i8,
+    nullptr,  // no byte permute (needs AVX-512 VBMI)
+    nullptr,  // E-Conv tables: sgemm + narrowing, no VNNI build
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
     nullptr,
 };
 

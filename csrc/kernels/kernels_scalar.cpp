@@ -100,6 +100,13 @@ const KernelTable kScalar = {
     max_abs,
     fc_gather<float, float>,
     fc_gather<int8_t, int32_t>,
+    nullptr,  // no byte permute (needs AVX-512 VBMI)
+    nullptr,  // E-Conv tables: sgemm + narrowing, no VNNI build
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
+    nullptr,
     nullptr,
 };
 

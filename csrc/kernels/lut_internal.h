@@ -49,6 +49,23 @@ using FcTableFn = void (*)(const Elem* codebook_t, const int32_t* base, const in
 using FcGatherI8Fn = void (*)(const int8_t* table, const int32_t* base, const uint8_t* codes8,
                               const uint16_t* codes16, int64_t rho, int64_t blocks, int32_t* out);
 
+/// E-Conv table rows of one segment, narrowed as they are stored:
+/// out[c*ld + q] = narrow(sum_{k < channels} codebook[c*r + k] * x[k*x_stride + q]) for c < rows,
+/// q < ld (a multiple of 16), where narrow is the identity (fp32), fp16 rounding, or
+/// saturate(round(value * inv_scale)) (int16/int8). Summation runs over k in order with fused
+/// multiply-adds, as OpenBLAS's sgemm kernels do, so results match the sgemm path.
+template <typename Elem>
+using ConvTableFn = void (*)(const float* codebook, int64_t rows, int64_t r, int64_t channels, const float* x,
+                             int64_t x_stride, int64_t ld, float inv_scale, Elem* out);
+
+/// int8 E-Conv table rows of one segment from quantised operands (VNNI):
+/// out[c*ld + q] = saturate(round((sum_k codebook[c*r4 + k] * x(k, q) - correction[c]) * requant))
+/// for c < rows, q < ld (a multiple of 16), k < r4 (a multiple of 4), where
+/// x(k, q) = x[(k/4) * x_stride + 4*q + k%4] (uint8, four channels interleaved per pixel).
+using ConvTableU8S8Fn = void (*)(const int8_t* codebook, int64_t rows, int64_t r4, const uint8_t* x,
+                                 int64_t x_stride, int64_t ld, const int32_t* correction, float requant,
+                                 int8_t* out);
+
 struct KernelTable {
     const char* isa;  ///< "avx512", "avx2" or "scalar": the suffix of kernel names
     AccumulateFn<float> accumulate_f32;
@@ -67,6 +84,21 @@ struct KernelTable {
     /// E-FC with an int8 table of 128 entries per segment ([rho][128]) and uint8 codes, or
     /// null when the ISA has no byte permute (needs AVX-512 VBMI).
     void (*fc_permute_i8)(const int8_t* table, const uint8_t* codes, int64_t rho, int64_t blocks, int32_t* out);
+    /// E-Conv table build with the narrowing fused into the store, or null to build it with
+    /// sgemm into fp32 scratch and narrow that (the AVX2 and scalar tables).
+    ConvTableFn<float> conv_table_f32;
+    ConvTableFn<uint16_t> conv_table_f16;
+    ConvTableFn<int16_t> conv_table_i16;
+    ConvTableFn<int8_t> conv_table_i8;
+    /// int8 E-Conv table built from uint8 activations and int8 codewords, or null (no VNNI).
+    ConvTableU8S8Fn conv_table_u8s8;
+    /// Its operand layout: dst[4*i + j] = clamp(round(src[j*plane + i] * inv_scale), low, high) + zero
+    /// for i < plane (a multiple of 16), j < channels (<= 4); 0 for j >= channels. Non-null with
+    /// conv_table_u8s8.
+    void (*quantise_quad)(const float* src, int64_t channels, int64_t plane, float inv_scale, float low, float high,
+                          float zero, uint8_t* dst);
+    /// Smallest and largest of src[0..n); non-null with conv_table_u8s8.
+    void (*min_max)(const float* src, int64_t n, float* low, float* high);
 };
 
 const KernelTable& scalar_kernels();

@@ -91,9 +91,10 @@ enum class LutIsa { kAuto, kAvx512, kAvx2, kScalar };
 struct LutOptions {
     LutPrecision precision = LutPrecision::kFp32;
     int threads = 1;            ///< E-Conv: threads splitting strips of output rows; E-FC: unused
-    /// int8 only: fixed activation scale from calibration; 0 = per-call range. Reserved for the
-    /// quantised-activation (VNNI) table build; the current int8 kernels build the table in fp32
-    /// and narrow it, so they validate this value but do not need it.
+    /// int8 E-Conv only: fixed activation scale from calibration (x ~ input_scale * q, q uint8
+    /// for inputs >= 0, else int8); 0 = this input's range. Used where the table is built from
+    /// quantised activations (AVX-512 VNNI); the other int8 kernels build the table in fp32 and
+    /// narrow it, so they validate this value but do not need it.
     float input_scale = 0.f;
     LutIsa isa = LutIsa::kAuto;
 };
