@@ -96,17 +96,36 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for k-means and fidelity inputs.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--quiet", is_flag=True, help="No progress bars or summary.")
+@click.option("--calib", "calib", multiple=True, type=click.Path(),
+              help="Calibration data, once per model in model order: .npy (N x input shape), .npz (x, optional "
+                   "labels y) or a folder of images (see 'preprocess' in the config). Enables calibration.")
+@click.option("--epochs", type=int, default=None, help="Calibration epochs (default 5).")
+@click.option("--batch-size", type=int, default=None, help="Calibration batch size, over all processes (default 64).")
+@click.option("--lr", type=float, default=None, help="Calibration learning rate: Adam step relative to each tensor's RMS (default 1e-2).")
+@click.option("--gamma", type=float, default=None, help="Weight of the task loss (default 10).")
+@click.option("--temperature", type=float, default=None, help="Distillation temperature without labels (default 2).")
+@click.option("--holdout", type=float, default=None,
+              help="Fraction of each model's calibration data held out to measure fidelity (default 0.1).")
+@click.option("--budget", type=float, default=None,
+              help="Search r/C per group so the fidelity drop stays within this many percentage points.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted calibration from its checkpoint.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
+              help="Where calibration checkpoints go (default: OUTPUT.ckpt).")
 @_user_errors
 def merge(models, output, preset, r, codewords, config, compress_heads, input_shapes, codebook_dtype, report,
-          seed, force, quiet):
+          seed, force, quiet, calib, epochs, batch_size, lr, gamma, temperature, holdout, budget, resume,
+          checkpoint_dir):
     """Merge MODELS (ONNX files; one model = compression) into one ONNX file."""
     from .pipeline import merge as run_merge
 
     result = run_merge(list(models), output, config=config, preset=preset, r=r, codewords=codewords,
                        codebook_dtype=codebook_dtype, compress_heads=compress_heads,
                        input_shapes=parse_input_shapes(input_shapes), seed=seed, report=report, force=force,
-                       quiet=quiet)
-    if not quiet:
+                       quiet=quiet, calib=list(calib) or None, budget=budget, resume=resume,
+                       checkpoint_dir=checkpoint_dir,
+                       calibration={"epochs": epochs, "batch_size": batch_size, "lr": lr, "gamma": gamma,
+                                    "temperature": temperature, "holdout": holdout})
+    if not quiet and result.report is not None:  # under torchrun only rank 0 reports
         click.echo(format_summary(result.report))
 
 
@@ -181,6 +200,14 @@ def format_summary(rep: dict) -> str:
         agree = "n/a" if f["top1_agreement"] is None else f"{100 * f['top1_agreement']:.1f}%"
         lines.append(f"  model m{f['model']}: top-1 agreement {agree}, max abs error {f['max_abs_error']:.3g} "
                      f"on {f['samples']} samples")
+    cal = rep.get("calibration")
+    if cal:
+        lines.append(f"  calibrated {cal['epochs_run']} epoch(s) in {cal['seconds']} s, kept epoch {cal['best_epoch']}")
+        for m in cal["models"]:
+            key = "accuracy" if m["labels"] else "top1_agreement"
+            if m["before"][key] is not None:
+                lines.append(f"    m{m['index']} held-out {key.replace('_', ' ')}: {100 * m['before'][key]:.2f}% -> "
+                             f"{100 * m['after'][key]:.2f}% ({m['holdout']} samples)")
     return "\n".join(lines)
 
 

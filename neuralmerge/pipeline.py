@@ -13,10 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import helper
 from tqdm.auto import tqdm
 
 from . import __version__
 from .align import Group, align
+from .calibrate import distributed
+from .calibrate.checkpoint import Checkpoint, fingerprint
+from .calibrate.data import CalibrationSet, load_calibration
+from .calibrate.search import search
+from .calibrate.trainer import CalibrationInterrupted, CalibrationOutcome, Calibrator
 from .encode.kmeans import encode_group
 from .errors import ConfigError, NeuralMergeError
 from .export.merged_onnx import EncodedMember, GroupArtifact, build_merged_model, io_names
@@ -25,7 +31,8 @@ from .graph.importer import check_supported
 from .graph.layers import Layer, find_layers
 from .graph.normalize import default_opset, graph_inputs, input_specs, normalize, output_specs
 from .io.onnx_files import check_output_path, load_model, save_model_atomic, write_bytes_atomic
-from .settings import GroupSetting, MergeConfig, make_config
+from .report_files import write_report_files
+from .settings import CalibrationSettings, GroupSetting, MergeConfig, make_config
 
 ModelLike = "str | os.PathLike | onnx.ModelProto"
 
@@ -114,22 +121,189 @@ def merge(models: list, output: str | os.PathLike | None = None, *, config=None,
           r: int | None = None, codewords: int | None = None, codebook_dtype: str | None = None,
           compress_heads: bool | None = None, input_shapes: dict | None = None, seed: int = 0,
           report: str | os.PathLike | None = None, force: bool = False, quiet: bool = False,
-          fidelity_samples: int = 16, fidelity_inputs: list[dict[str, np.ndarray]] | None = None) -> MergeResult:
+          fidelity_samples: int = 16, fidelity_inputs: list[dict[str, np.ndarray]] | None = None,
+          calib: list | None = None, calibration: dict | None = None, budget: float | None = None,
+          resume: bool = False, checkpoint_dir: str | os.PathLike | None = None) -> MergeResult:
     """Merge (or, for one model, compress) ONNX models into one ONNX file.
 
+    With calibration data (``calib``: one ``.npy``/``.npz``/image folder per model, or the config's
+    ``calibration.data``) the merged model is calibrated against the originals (docs/calibration.md);
+    ``calibration`` overrides its settings (epochs, batch_size, lr, gamma, temperature, holdout,
+    patience); ``budget`` (percentage points of fidelity drop) searches r/C per group first.
     Returns the merged ``onnx.ModelProto`` and the report dict; writes ``output`` and ``report``
-    (JSON) when given, each atomically. Nothing is written if any step fails.
+    (JSON, plus ``.md`` and plots when calibrated) when given, each atomically. Nothing is written
+    if any step fails; an interrupted calibration leaves only its checkpoint. Under ``torchrun``
+    every process trains its share and only rank 0 writes (other ranks get ``report = None``).
     """
+    group = distributed.current()
     for path in (output, report):
         if path is not None:
             check_output_path(path, force=force)
     start = time.perf_counter()
     p = plan(models, config=config, preset=preset, r=r, codewords=codewords, codebook_dtype=codebook_dtype,
              compress_heads=compress_heads, input_shapes=input_shapes)
+    cal = p.config.calibration.with_overrides(**(calibration or {}), data=list(map(str, calib)) if calib else None)
+    data = load_calibration(cal.data, p.models, p.config.preprocess) if cal.data else None
+    if data is None and (budget is not None or resume):
+        raise ConfigError(f"{'--budget' if budget is not None else '--resume'} needs calibration data "
+                          "(--calib, once per model)")
+    if budget is not None and (isinstance(budget, bool) or not 0 < budget <= 100):
+        raise ConfigError(f"--budget must be a percentage in (0, 100], got {budget}")
+    checkpoint = None
+    if data is not None:
+        checkpoint = _checkpoint(p, data, cal, budget, seed, input_shapes, output, checkpoint_dir, group)
+        if resume:
+            checkpoint.load()
+    heads = [layer for layer in p.dense if layer.is_head]
+    try:
+        merged, encoded, search_report, outcome, calibrator = _search_encode_calibrate(
+            p, data, cal, heads, budget, checkpoint, seed, quiet, group)
+    except KeyboardInterrupt:  # outside the epoch loop (the trainer reports interruptions within it)
+        where = (f"; resume with --resume (checkpoint: {checkpoint.path})"
+                 if checkpoint is not None and checkpoint.path.is_file() else "")
+        raise CalibrationInterrupted(f"interrupted{where}") from None
+    if not group.is_main:
+        group.barrier()
+        return MergeResult(merged, None, None if output is None else str(output))
+    try:
+        try:
+            onnx.checker.check_model(merged, full_check=True)
+        except Exception as exc:  # a bug of ours, not the user's: say so plainly
+            raise NeuralMergeError(f"internal error: the merged model fails the ONNX checker: "
+                                   f"{str(exc).strip().splitlines()[0]}") from exc
+        if fidelity_inputs is None and data is not None:
+            fidelity_inputs = [{d.input_name: d.x[m.holdout[:FIDELITY_MAX]]} for d, m in zip(data, calibrator.models)]
+        fidelity = measure_fidelity(p.originals, merged, p.names, samples=fidelity_samples, seed=seed,
+                                    inputs=fidelity_inputs)
+        out_bytes = merged.ByteSize()
+        if output is not None:
+            out_bytes = save_model_atomic(merged, output, force=force)
+        rep = build_report(p, json.loads(encoded["groups"]), out_bytes, fidelity, output=output, seed=seed,
+                           encode_seconds=encoded["seconds"], total_seconds=time.perf_counter() - start)
+        if outcome is not None:
+            rep["calibration"] = calibration_report(p, data, cal, outcome, calibrator)
+        if search_report is not None:
+            rep["search"] = search_report
+        if report is not None:
+            write_bytes_atomic(json.dumps(rep, indent=2).encode(), report, force=force)
+            if outcome is not None:
+                write_report_files(rep, report, force=force)
+        if checkpoint is not None:
+            checkpoint.remove()
+    finally:
+        group.barrier()
+    return MergeResult(merged, rep, None if output is None else str(output))
+
+
+def _search_encode_calibrate(p: Plan, data, cal: CalibrationSettings, heads: list[Layer], budget, checkpoint,
+                             seed: int, quiet: bool, group: distributed.Group):
+    """The budget search, the encoding and the calibration, each taken from the checkpoint when it has it."""
+    outcome = calibrator = None
+
+    if budget is not None and (isinstance(budget, bool) or not 0 < budget <= 100):
+        raise ConfigError(f"--budget must be a percentage in (0, 100], got {budget}")
+    checkpoint = None
+    if data is not None:
+        checkpoint = _checkpoint(p, data, cal, budget, seed, input_shapes, output, checkpoint_dir, group)
+        if resume:
+            checkpoint.load()
+    heads = [layer for layer in p.dense if layer.is_head]
+    try:
+        merged, encoded, search_report, outcome, calibrator = _search_encode_calibrate(
+            p, data, cal, heads, budget, checkpoint, seed, quiet, group)
+    except KeyboardInterrupt:  # outside the epoch loop (the trainer reports interruptions within it)
+        where = (f"; resume with --resume (checkpoint: {checkpoint.path})"
+                 if checkpoint is not None and checkpoint.path.is_file() else "")
+        raise CalibrationInterrupted(f"interrupted{where}") from None
+    if not group.is_main:
+        group.barrier()
+        return MergeResult(merged, None, None if output is None else str(output))
+    try:
+        try:
+            onnx.checker.check_model(merged, full_check=True)
+        except Exception as exc:  # a bug of ours, not the user's: say so plainly
+            raise NeuralMergeError(f"internal error: the merged model fails the ONNX checker: "
+                                   f"{str(exc).strip().splitlines()[0]}") from exc
+        if fidelity_inputs is None and data is not None:
+            fidelity_inputs = [{d.input_name: d.x[m.holdout[:FIDELITY_MAX]]} for d, m in zip(data, calibrator.models)]
+        fidelity = measure_fidelity(p.originals, merged, p.names, samples=fidelity_samples, seed=seed,
+                                    inputs=fidelity_inputs)
+        out_bytes = merged.ByteSize()
+        if output is not None:
+            out_bytes = save_model_atomic(merged, output, force=force)
+        rep = build_report(p, json.loads(encoded["groups"]), out_bytes, fidelity, output=output, seed=seed,
+                           encode_seconds=encoded["seconds"], total_seconds=time.perf_counter() - start)
+        if outcome is not None:
+            rep["calibration"] = calibration_report(p, data, cal, outcome, calibrator)
+        if search_report is not None:
+            rep["search"] = search_report
+        if report is not None:
+            write_bytes_atomic(json.dumps(rep, indent=2).encode(), report, force=force)
+            if outcome is not None:
+                write_report_files(rep, report, force=force)
+        if checkpoint is not None:
+            checkpoint.remove()
+    finally:
+        group.barrier()
+    return MergeResult(merged, rep, None if output is None else str(output))
+
+
+def _search_encode_calibrate(p: Plan, data, cal: CalibrationSettings, heads: list[Layer], budget, checkpoint,
+                             seed: int, quiet: bool, group: distributed.Group):
+    """The budget search, the encoding and the calibration, each taken from the checkpoint when it has it."""
+    outcome = calibrator = search_report = None
+    if budget is not None:
+        search_report = checkpoint.get("search")
+        if search_report is None:
+            search_report = search(
+                p.groups, p.models, data, heads, cal, budget, lambda g, s: _build_one_group(p, g, s, seed, group),
+                seed=seed, quiet=quiet, codebook_itemsize=2 if p.config.codebook_dtype == "float16" else 4,
+                done=checkpoint.get("search_progress"), on_group=lambda done: checkpoint.save("search_progress", done),
+                group=group)
+            checkpoint.save("search", search_report)
+        for chosen in search_report["groups"]:
+            p.settings[chosen["name"]] = GroupSetting(chosen["r"], chosen["codewords"])
+
+    encoded = checkpoint.get("encoded") if checkpoint is not None else None
+    if encoded is None:
+        encoded = group.from_main(_encode(p, seed, quiet) if group.is_main else None)
+        if checkpoint is not None:
+            checkpoint.save("encoded", encoded)
+    merged = onnx.load_from_string(encoded["model"])
+    if data is not None:
+        calibrator = Calibrator(p.models, merged, data, heads, cal, seed=seed, quiet=quiet, group=group)
+        outcome = calibrator.fit(checkpoint)
+        outcome.int8_scales = calibrator.int8_scales()
+        merged = outcome.model
+        helper.set_model_props(merged, {**{q.key: q.value for q in merged.metadata_props},
+                                        "neuralmerge.int8_scales": json.dumps(outcome.int8_scales)})
+    return merged, encoded, search_report, outcome, calibrator
+
+
+FIDELITY_MAX = 1024   # held-out samples per model for the ONNX Runtime fidelity check
+
+
+def _checkpoint(p: Plan, data: list[CalibrationSet], cal: CalibrationSettings, budget, seed: int, input_shapes,
+                output, checkpoint_dir, group: distributed.Group) -> Checkpoint:
+    """The job's checkpoint (default folder: ``<output>.ckpt``); its key covers everything but the epoch count."""
+    if checkpoint_dir is None:
+        checkpoint_dir = Path(f"{output}.ckpt") if output is not None else Path(".neuralmerge.ckpt")
+    cfg = p.config
+    key = fingerprint([m.SerializeToString(deterministic=True) for m in p.originals]
+                      + [d.digest() for d in data]
+                      + [{"preset": cfg.preset, "r": cfg.r, "codewords": cfg.codewords, "defaults": cfg.defaults,
+                          "layers": cfg.layers, "compress_heads": cfg.compress_heads,
+                          "codebook_dtype": cfg.codebook_dtype, "input_shapes": input_shapes or {},
+                          "calibration": {k: v for k, v in vars(cal).items() if k not in ("epochs", "data")},
+                          "budget": budget, "seed": seed, "world": group.world}])
+    return Checkpoint(checkpoint_dir, key, enabled=group.is_main)
+
+
+def _encode_artifacts(p: Plan, groups: list[Group], settings: dict[str, GroupSetting], seed: int,
+                      quiet: bool = True) -> list[GroupArtifact]:
     artifacts = []
-    t_encode = time.perf_counter()
-    for g in tqdm(p.groups, desc="encoding", unit="group", disable=quiet):
-        s = p.settings[g.name]
+    for g in tqdm(groups, desc="encoding", unit="group", disable=quiet):
+        s = settings[g.name]
         enc = encode_group(g.members, s.r, s.codewords, seed=seed, name=g.name)
         members = [EncodedMember(layer, codes, enc.offsets[:codes.shape[-1]].astype(np.int64))
                    for layer, codes in zip(g.members, enc.codes)]
@@ -137,39 +311,31 @@ def merge(models: list, output: str | os.PathLike | None = None, *, config=None,
             name=g.name, kind=g.kind, r=enc.r, codebook=enc.codebook, segment_codewords=list(enc.segment_codewords),
             members=members, info={"codewords": s.codewords, "quantization_mse": float(enc.mse),
                                    "relative_error": float(enc.relative_error)}))
+    return artifacts
+
+
+def _encode(p: Plan, seed: int, quiet: bool) -> dict:
+    """Encode every planned group and build the merged model: {model bytes, groups report (JSON), seconds}."""
+    t_encode = time.perf_counter()
+    artifacts = _encode_artifacts(p, p.groups, p.settings, seed, quiet)
     encode_seconds = time.perf_counter() - t_encode
-    merged = build_merged_model(p.models, p.sources, artifacts, opset=p.opset,
-                                codebook_dtype=p.config.codebook_dtype)
-    try:
-        onnx.checker.check_model(merged, full_check=True)
-    except Exception as exc:  # a bug of ours, not the user's: say so plainly
-        raise NeuralMergeError(f"internal error: the merged model fails the ONNX checker: "
-                               f"{str(exc).strip().splitlines()[0]}") from exc
-    fidelity = measure_fidelity(p.originals, merged, p.names, samples=fidelity_samples, seed=seed,
-                                inputs=fidelity_inputs)
-    out_bytes = merged.ByteSize()
-    if output is not None:
-        out_bytes = save_model_atomic(merged, output, force=force)
-    rep = build_report(p, artifacts, merged, out_bytes, fidelity, output=output, seed=seed,
-                       encode_seconds=encode_seconds, total_seconds=time.perf_counter() - start)
-    if report is not None:
-        write_bytes_atomic(json.dumps(rep, indent=2).encode(), report, force=force)
-    return MergeResult(merged, rep, None if output is None else str(output))
+    merged = build_merged_model(p.models, p.sources, artifacts, opset=p.opset, codebook_dtype=p.config.codebook_dtype)
+    return {"model": merged.SerializeToString(), "groups": json.dumps(group_reports(p, artifacts)),
+            "seconds": encode_seconds}
 
 
-def build_report(p: Plan, artifacts: list[GroupArtifact], merged: onnx.ModelProto, out_bytes: int,
-                 fidelity: list[dict], *, output, seed: int, encode_seconds: float, total_seconds: float) -> dict:
-    models = []
-    for i, m in enumerate(p.models):
-        params = sum(int(np.prod(t.dims)) for t in p.originals[i].graph.initializer)
-        models.append({
-            "index": i, "path": p.sources[i], "bytes": p.source_bytes[i], "params": params,
-            "inputs": [{"name": s.name, "merged_name": p.names[i][s.name], "shape": list(s.shape),
-                        "dtype": str(s.dtype)} for s in input_specs(m)],
-            "outputs": [{"name": s.name, "merged_name": p.names[i][s.name], "shape": list(s.shape),
-                         "dtype": str(s.dtype)} for s in output_specs(m)],
-            "layers": len(p.layers[i]),
-        })
+def _build_one_group(p: Plan, g: Group, setting: GroupSetting, seed: int, group: distributed.Group) -> onnx.ModelProto:
+    """A merged model with only ``g`` encoded at ``setting`` (the budget search's candidates)."""
+    data = None
+    if group.is_main:
+        artifacts = _encode_artifacts(p, [g], {g.name: setting}, seed)
+        data = build_merged_model(p.models, p.sources, artifacts, opset=p.opset,
+                                  codebook_dtype=p.config.codebook_dtype).SerializeToString()
+    return onnx.load_from_string(group.from_main(data))
+
+
+def group_reports(p: Plan, artifacts: list[GroupArtifact]) -> list[dict]:
+    """The report's per-group entries."""
     groups = []
     for a in artifacts:
         groups.append({
@@ -180,6 +346,22 @@ def build_report(p: Plan, artifacts: list[GroupArtifact], merged: onnx.ModelProt
             "params": sum(m.layer.weight.size for m in a.members),
             "codebook_bytes": int(a.codebook.size * (2 if p.config.codebook_dtype == "float16" else 4)),
             "code_bytes": int(sum(m.codes.nbytes for m in a.members)),
+        })
+    return groups
+
+
+def build_report(p: Plan, groups: list[dict], out_bytes: int, fidelity: list[dict], *, output, seed: int,
+                 encode_seconds: float, total_seconds: float) -> dict:
+    models = []
+    for i, m in enumerate(p.models):
+        params = sum(int(np.prod(t.dims)) for t in p.originals[i].graph.initializer)
+        models.append({
+            "index": i, "path": p.sources[i], "bytes": p.source_bytes[i], "params": params,
+            "inputs": [{"name": s.name, "merged_name": p.names[i][s.name], "shape": list(s.shape),
+                        "dtype": str(s.dtype)} for s in input_specs(m)],
+            "outputs": [{"name": s.name, "merged_name": p.names[i][s.name], "shape": list(s.shape),
+                         "dtype": str(s.dtype)} for s in output_specs(m)],
+            "layers": len(p.layers[i]),
         })
     total_in = sum(p.source_bytes)
     return {
@@ -198,6 +380,23 @@ def build_report(p: Plan, artifacts: list[GroupArtifact], merged: onnx.ModelProt
         "groups": groups,
         "dense_layers": [f"m{l.model}.{l.node}" for l in p.dense],
         "fidelity": fidelity,
+    }
+
+
+def calibration_report(p: Plan, data: list[CalibrationSet], cal: CalibrationSettings, outcome: CalibrationOutcome,
+                       calibrator: Calibrator) -> dict:
+    """The report's ``calibration`` section: settings, losses per epoch, held-out fidelity before/after."""
+    return {
+        "settings": {k: v for k, v in vars(cal).items() if k != "data"},
+        "epochs_run": len(outcome.history),
+        "best_epoch": outcome.best_epoch,
+        "stopped_early": outcome.stopped_early,
+        "seconds": round(outcome.seconds, 1),
+        "models": [{"index": i, "data": d.source, "samples": len(d), "train": len(m.train), "holdout": len(m.holdout),
+                    "labels": d.y is not None, "before": outcome.before[i], "after": outcome.after[i]}
+                   for i, (d, m) in enumerate(zip(data, calibrator.models))],
+        "history": outcome.history,
+        "int8_scales": outcome.int8_scales,
     }
 
 

@@ -59,6 +59,8 @@ class MergeConfig:
     compress_heads: bool = False
     codebook_dtype: str = "float32"
     models: list = field(default_factory=list)
+    calibration: "CalibrationSettings" = field(default_factory=lambda: CalibrationSettings())
+    preprocess: list = field(default_factory=list)  # per model: a preprocessing dict or None
     source: str = "flags"
 
     def setting_for(self, name: str, kind: str, depth: int) -> GroupSetting:
@@ -77,6 +79,89 @@ class MergeConfig:
         if unknown:
             raise ConfigError(f"{self.source}: unknown group {unknown[0]!r} under 'layers' "
                               f"(groups are: {', '.join(names) or 'none'})")
+
+
+@dataclass
+class CalibrationSettings:
+    """How calibration trains (DESIGN §3); every field can come from the YAML ``calibration:`` section or a flag."""
+    data: list = field(default_factory=list)   # one --calib path per model, in model order
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-2             # Adam step relative to each tensor's RMS (trainer.py)
+    gamma: float = 10.0          # weight of the task loss (the original code's value)
+    temperature: float = 2.0     # distillation temperature when there are no labels
+    holdout: float = 0.1         # fraction of each model's calibration data kept aside to measure fidelity
+    patience: int = 2            # epochs without a better held-out fidelity before stopping early
+
+    def with_overrides(self, **flags) -> "CalibrationSettings":
+        """A copy with every non-None flag applied and checked."""
+        merged = CalibrationSettings(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        for key, value in flags.items():
+            if value is not None:
+                setattr(merged, key, _check_calibration_value(key, value, f"--{key.replace('_', '-')}"))
+        return merged
+
+
+_CALIBRATION_RULES = {  # key -> (type, lower bound, lower bound inclusive, upper bound inclusive or None)
+    "epochs": (int, 1, True, None),
+    "batch_size": (int, 1, True, None),
+    "lr": (float, 0.0, False, None),
+    "gamma": (float, 0.0, True, None),
+    "temperature": (float, 0.0, False, None),
+    "holdout": (float, 0.0, False, 0.5),
+    "patience": (int, 1, True, None),
+}
+
+
+def _check_calibration_value(key: str, value, where: str):
+    if key == "data":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: must be a list of paths, one per model")
+        return list(value)
+    kind, low, inclusive, high = _CALIBRATION_RULES[key]
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ConfigError(f"{where} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    too_low = value < low if inclusive else value <= low
+    if too_low or (high is not None and value > high):
+        bound = f"in ({low}, {high}]" if high is not None else f"{'>=' if inclusive else '>'} {low}"
+        raise ConfigError(f"{where} must be {bound}, got {value!r}")
+    return kind(value)
+
+
+_PREPROCESS_KEYS = {"resize", "mean", "std", "channels", "scale"}
+
+
+def check_preprocess(spec, where: str) -> dict | None:
+    """Validate one preprocessing mapping for image folders: resize [H, W], mean, std (a number or one per
+    channel), channels (1 or 3), scale (pixel values are divided by it first; default 255)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or set(spec) - _PREPROCESS_KEYS:
+        raise ConfigError(f"{where} takes only {', '.join(sorted(_PREPROCESS_KEYS))}")
+    out = dict(spec)
+    if "resize" in out:
+        size = out["resize"]
+        if (not isinstance(size, list) or len(size) != 2
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in size)):
+            raise ConfigError(f"{where}.resize must be [height, width] in pixels, got {size!r}")
+    if "channels" in out and out["channels"] not in (1, 3):
+        raise ConfigError(f"{where}.channels must be 1 or 3, got {out['channels']!r}")
+    for key in ("mean", "std"):
+        if key in out:
+            values = out[key] if isinstance(out[key], list) else [out[key]]
+            if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise ConfigError(f"{where}.{key} must be a number or a list of numbers, got {out[key]!r}")
+            if key == "std" and min(values) <= 0:
+                raise ConfigError(f"{where}.std must be positive, got {out[key]!r}")
+    if "scale" in out and (isinstance(out["scale"], bool) or not isinstance(out["scale"], (int, float))
+                           or out["scale"] <= 0):
+        raise ConfigError(f"{where}.scale must be a positive number, got {out['scale']!r}")
+    return out
 
 
 def check_r(value, where: str) -> int:
@@ -115,7 +200,7 @@ def make_config(*, config: str | Path | dict | None = None, preset: str | None =
     return cfg
 
 
-_TOP_KEYS = {"preset", "defaults", "layers", "compress_heads", "codebook_dtype", "models"}
+_TOP_KEYS = {"preset", "defaults", "layers", "compress_heads", "codebook_dtype", "models", "calibration", "preprocess"}
 _LAYER_KEYS = {"r", "codewords", "skip"}
 
 
@@ -172,4 +257,33 @@ def _parse_config(config: str | Path | dict) -> MergeConfig:
         raise ConfigError(f"{source}: 'models' must be a list of ONNX paths")
     base = Path(source).parent if not isinstance(config, dict) else Path(".")
     cfg.models = [str(base / m) for m in models]
+    cfg.calibration = _parse_calibration(data.get("calibration"), source, base)
+    cfg.preprocess = _parse_preprocess(data.get("preprocess"), source)
     return cfg
+
+
+def _parse_calibration(section, source: str, base: Path) -> CalibrationSettings:
+    settings = CalibrationSettings()
+    if section is None:
+        return settings
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source}: 'calibration' must be a mapping")
+    allowed = set(CalibrationSettings.__dataclass_fields__)
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key calibration.{unknown[0]} (allowed: {', '.join(sorted(allowed))})")
+    for key, value in section.items():
+        setattr(settings, key, _check_calibration_value(key, value, f"{source}: calibration.{key}"))
+    settings.data = [str(base / d) for d in settings.data]
+    return settings
+
+
+def _parse_preprocess(section, source: str) -> list:
+    """``preprocess:`` is one mapping for every model or a list with one mapping (or null) per model."""
+    if section is None:
+        return []
+    if isinstance(section, dict):
+        return [check_preprocess(section, f"{source}: preprocess")]
+    if not isinstance(section, list):
+        raise ConfigError(f"{source}: 'preprocess' must be a mapping or a list of mappings (one per model)")
+    return [check_preprocess(spec, f"{source}: preprocess[{i}]") for i, spec in enumerate(section)]

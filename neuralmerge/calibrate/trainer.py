@@ -1,0 +1,294 @@
+"""The calibration trainer (NeuralMerger §3.3): fine-tune a merged model against its frozen originals.
+
+Teachers are the normalised source models, students one ``OnnxModule`` of the merged graph.
+Trainable: codebooks, E-layer biases and the dense heads; codes are fixed integers. Batches
+alternate between models. A held-out slice of each model's calibration data measures fidelity
+(top-1 agreement with the original, accuracy when labels exist) after every epoch; the best
+epoch is kept (epoch 0, the uncalibrated encoding, included) and training stops early when
+fidelity stops improving. Deterministic for a given seed, in one process or many (distributed.py).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import NeuralMergeError
+from ..graph.importer import OnnxModule
+from ..graph.layers import Layer
+from ..settings import CalibrationSettings
+from . import distributed
+from .checkpoint import Checkpoint
+from .data import CalibrationSet, split_holdout
+from .losses import calibration_loss, is_class_scores
+from .taps import ModelView, model_views, trainable_names
+
+EVAL_BATCH = 256
+
+
+class CalibrationInterrupted(NeuralMergeError):
+    """Ctrl-C during calibration: the last finished epoch is in the checkpoint."""
+
+
+@dataclass
+class CalibrationOutcome:
+    model: onnx.ModelProto                  # the merged model with the best parameters written back
+    before: list[dict]                      # held-out fidelity per model, before calibration
+    after: list[dict]                       # ... of the kept (best) epoch
+    history: list[dict]                     # per epoch: mean training loss per model, held-out fidelity
+    best_epoch: int
+    stopped_early: bool
+    int8_scales: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class _Model:
+    """One source model's teacher, data split and merged-graph names."""
+
+    def __init__(self, teacher: onnx.ModelProto, view: ModelView, data: CalibrationSet, holdout: float, seed: int):
+        self.teacher = OnnxModule(teacher).eval().requires_grad_(False)
+        self.view = view
+        self.data = data
+        self.outputs = list(self.teacher.output_names)
+        self.train, self.holdout = split_holdout(len(data), holdout, seed)
+        probe = self.run_teacher(self.batch(self.holdout[:1])[0])[1][0]
+        self.classifies = is_class_scores(probe)   # the first output is [N, K] class scores
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = torch.from_numpy(self.data.x[indices])
+        y = None if self.data.y is None else torch.from_numpy(self.data.y[indices].astype(np.int64))
+        return x, y
+
+    def run_teacher(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        with torch.no_grad():
+            out = self.teacher.run({self.data.input_name: x}, [t.teacher for t in self.view.taps] + self.outputs)
+        return [out[t.teacher] for t in self.view.taps], [out[o] for o in self.outputs]
+
+    def run_student(self, student: OnnxModule, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        wanted = [t.student for t in self.view.taps] + [self.view.outputs[o] for o in self.outputs]
+        out = student.run({self.view.inputs[self.data.input_name]: x}, wanted)
+        return [out[t.student] for t in self.view.taps], [out[self.view.outputs[o]] for o in self.outputs]
+
+
+class Calibrator:
+    """Calibrate ``merged`` against ``teachers`` (normalised sources, in model order) on ``data``.
+
+    ``heads`` are the dense layers that train along with the codebooks. ``train_limit`` caps the
+    training samples per model and epoch (the budget search's short calibrations).
+    """
+
+    def __init__(self, teachers: list[onnx.ModelProto], merged: onnx.ModelProto, data: list[CalibrationSet],
+                 heads: list[Layer], settings: CalibrationSettings, *, seed: int = 0, quiet: bool = False,
+                 train_limit: int | None = None, group: distributed.Group | None = None, desc: str = "calibrate"):
+        self.merged = merged
+        self.settings = settings
+        self.seed = seed
+        self.quiet = quiet
+        self.train_limit = train_limit
+        self.group = group or distributed.current()
+        self.desc = desc
+        self.student = OnnxModule(merged).train()
+        views = model_views(merged)
+        self.models = [_Model(t, views[i], d, settings.holdout, seed + i) for i, (t, d) in enumerate(zip(teachers, data))]
+        params = self.student.onnx_params
+        self.names = trainable_names(merged, heads)
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+        self.params = [params[n].requires_grad_(True) for n in self.names]
+        # Adam moves every entry by about lr per step whatever its scale, and codebooks differ in scale by
+        # 10x between layers (fc1 weights ~ 1/sqrt(4096)): so the step is relative, lr × the tensor's RMS.
+        self.optimizer = torch.optim.Adam(
+            [{"params": [p], "base_lr": settings.lr * max(float(p.detach().pow(2).mean().sqrt()), 1e-8)}
+             for p in self.params], lr=settings.lr)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, checkpoint: Checkpoint | None = None) -> CalibrationOutcome:
+        """Train up to ``settings.epochs`` epochs (continuing a checkpoint's run if it has one)."""
+        start = time.perf_counter()
+        state = checkpoint.get("training") if checkpoint is not None else None
+        if state is not None:
+            state = self._restore(state)
+        else:
+            before = self.evaluate()
+            state = {"epoch": 0, "step": 0, "history": [], "before": before, "best_epoch": 0,
+                     "best_key": self._key(before), "best": self._snapshot(), "bad_epochs": 0}
+            if checkpoint is not None:
+                checkpoint.save("training", self._with_weights(state))
+        total_steps = self.settings.epochs * self._steps_per_epoch()
+        stopped_early = state["bad_epochs"] >= self.settings.patience
+        try:
+            for epoch in range(state["epoch"] + 1, self.settings.epochs + 1):
+                if stopped_early:
+                    break
+                losses = self._train_epoch(epoch, state, total_steps)
+                fidelity = self.evaluate()
+                state["history"].append({"epoch": epoch, "loss": losses, "fidelity": fidelity})
+                state["epoch"] = epoch
+                if self._key(fidelity) > tuple(state["best_key"]):
+                    state.update(best_key=self._key(fidelity), best=self._snapshot(), best_epoch=epoch, bad_epochs=0)
+                else:
+                    state["bad_epochs"] += 1
+                stopped_early = state["bad_epochs"] >= self.settings.patience and epoch < self.settings.epochs
+                if checkpoint is not None:
+                    checkpoint.save("training", self._with_weights(state))
+        except KeyboardInterrupt:
+            where = f"; resume with --resume (checkpoint: {checkpoint.path})" if checkpoint is not None else ""
+            raise CalibrationInterrupted(f"interrupted after {state['epoch']} of {self.settings.epochs} "
+                                         f"calibration epochs{where}") from None
+        self._load(state["best"])
+        after = state["before"] if state["best_epoch"] == 0 else state["history"][state["best_epoch"] - 1]["fidelity"]
+        return CalibrationOutcome(self.student.write_back(self.merged), state["before"], after, state["history"],
+                                  state["best_epoch"], stopped_early, seconds=time.perf_counter() - start)
+
+    def _steps_per_epoch(self) -> int:
+        return sum(math.ceil(self._epoch_size(m) / self.settings.batch_size) for m in self.models)
+
+    def _epoch_size(self, model: _Model) -> int:
+        return len(model.train) if self.train_limit is None else min(len(model.train), self.train_limit)
+
+    def _schedule(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """(model, global batch) steps of one epoch: each model's seeded shuffle, alternating between models."""
+        per_model = []
+        for i, m in enumerate(self.models):
+            rng = np.random.default_rng([self.seed, epoch, i])
+            order = m.train[rng.permutation(len(m.train))][:self._epoch_size(m)]
+            per_model.append([order[k:k + self.settings.batch_size]
+                              for k in range(0, len(order), self.settings.batch_size)])
+        steps = []
+        for k in range(max(len(b) for b in per_model)):
+            steps += [(i, b[k]) for i, b in enumerate(per_model) if k < len(b)]
+        return steps
+
+    def _train_epoch(self, epoch: int, state: dict, total_steps: int) -> list[float]:
+        sums = torch.zeros(len(self.models), dtype=torch.float64)
+        counts = torch.zeros(len(self.models), dtype=torch.float64)
+        steps = self._schedule(epoch)
+        bar = tqdm(steps, desc=f"{self.desc} {epoch}/{self.settings.epochs}", unit="batch", leave=False,
+                   disable=self.quiet or not self.group.is_main)
+        for i, batch in bar:
+            m = self.models[i]
+            shard = self.group.shard(batch)
+            decay = 0.5 * (1 + math.cos(math.pi * state["step"] / max(total_steps, 1)))
+            for g in self.optimizer.param_groups:  # cosine decay to 0 over all epochs (stateless: resumable)
+                g["lr"] = g["base_lr"] * decay
+            self.optimizer.zero_grad(set_to_none=True)
+            if len(shard):
+                x, y = m.batch(shard)
+                t_taps, t_out = m.run_teacher(x)
+                s_taps, s_out = m.run_student(self.student, x)
+                per_sample = calibration_loss(s_taps, t_taps, s_out, t_out, y, gamma=self.settings.gamma,
+                                              temperature=self.settings.temperature)
+                (per_sample.sum() / len(batch)).backward()
+                sums[i] += float(per_sample.detach().sum())
+            counts[i] += len(shard)
+            self.group.reduce_gradients(self.params)
+            self.optimizer.step()
+            state["step"] += 1
+        self.group.sum_(sums)
+        self.group.sum_(counts)
+        return [float(s / max(c, 1.0)) for s, c in zip(sums, counts)]
+
+    # ------------------------------------------------------------------ measuring
+
+    def evaluate(self) -> list[dict]:
+        """Held-out fidelity per model: top-1 agreement with the original, accuracy (labels), mean loss."""
+        results = []
+        with torch.no_grad():
+            for i, m in enumerate(self.models):
+                totals = torch.zeros(4, dtype=torch.float64)  # loss, agreement, correct, samples
+                shard = self.group.shard(m.holdout)
+                for k in range(0, len(shard), EVAL_BATCH):
+                    x, y = m.batch(shard[k:k + EVAL_BATCH])
+                    t_taps, t_out = m.run_teacher(x)
+                    s_taps, s_out = m.run_student(self.student, x)
+                    loss = calibration_loss(s_taps, t_taps, s_out, t_out, y, gamma=self.settings.gamma,
+                                            temperature=self.settings.temperature)
+                    totals[0] += float(loss.sum())
+                    if m.classifies:
+                        pred = s_out[0].argmax(1)
+                        totals[1] += float((pred == t_out[0].argmax(1)).sum())
+                        if y is not None:
+                            totals[2] += float((pred == y).sum())
+                    totals[3] += len(x)
+                self.group.sum_(totals)
+                n = max(float(totals[3]), 1.0)
+                results.append({"model": i, "samples": int(totals[3]), "loss": float(totals[0]) / n,
+                                "top1_agreement": float(totals[1]) / n if m.classifies else None,
+                                "accuracy": float(totals[2]) / n if m.classifies and m.data.y is not None else None})
+        return results
+
+    def reference(self) -> list[dict]:
+        """The originals' own held-out accuracy (when labelled): what an accuracy drop is measured from."""
+        results = []
+        with torch.no_grad():
+            for i, m in enumerate(self.models):
+                totals = torch.zeros(2, dtype=torch.float64)
+                shard = self.group.shard(m.holdout)
+                if m.classifies and m.data.y is not None:
+                    for k in range(0, len(shard), EVAL_BATCH):
+                        x, y = m.batch(shard[k:k + EVAL_BATCH])
+                        totals += torch.tensor([float((m.run_teacher(x)[1][0].argmax(1) == y).sum()), len(x)],
+                                               dtype=torch.float64)
+                self.group.sum_(totals)
+                results.append({"model": i, "top1_agreement": 1.0 if m.classifies else None,
+                                "accuracy": float(totals[0] / totals[1]) if float(totals[1]) else None})
+        return results
+
+    @staticmethod
+    def score(fidelity: list[dict]) -> float:
+        """Mean over models of held-out accuracy (labelled) or top-1 agreement (unlabelled); 1 - loss otherwise."""
+        values = []
+        for f in fidelity:
+            if f["accuracy"] is not None:
+                values.append(f["accuracy"])
+            elif f["top1_agreement"] is not None:
+                values.append(f["top1_agreement"])
+            else:
+                values.append(-f["loss"])
+        return float(np.mean(values))
+
+    def _key(self, fidelity: list[dict]) -> tuple[float, float]:
+        """Higher is better: fidelity first, then the held-out loss (ties are common near 100% agreement)."""
+        return self.score(fidelity), -float(np.mean([f["loss"] for f in fidelity]))
+
+    def int8_scales(self) -> dict[str, float]:
+        """Max |input| of every E-layer call over all calibration data (ranges for the int8 runtime)."""
+        scales: dict[str, float] = {}
+        with torch.no_grad():
+            for m in self.models:
+                peak = torch.zeros(len(m.view.taps), dtype=torch.float64)
+                shard = self.group.shard(np.arange(len(m.data)))
+                for k in range(0, len(shard), EVAL_BATCH):
+                    x, _ = m.batch(shard[k:k + EVAL_BATCH])
+                    out = self.student.run({m.view.inputs[m.data.input_name]: x}, [t.input for t in m.view.taps])
+                    for j, tap in enumerate(m.view.taps):
+                        peak[j] = max(float(peak[j]), float(out[tap.input].abs().max()))
+                self.group.max_(peak)
+                scales.update({tap.node: float(peak[j]) for j, tap in enumerate(m.view.taps)})
+        return scales
+
+    # ------------------------------------------------------------------ state
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in zip(self.names, self.params)}
+
+    def _load(self, values: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params):
+                p.copy_(values[n])
+
+    def _with_weights(self, state: dict) -> dict:
+        return {**state, "best_key": list(state["best_key"]), "params": self._snapshot(),
+                "optimizer": self.optimizer.state_dict()}
+
+    def _restore(self, saved: dict) -> dict:
+        """Load a checkpoint's weights and optimizer; return the loop state."""
+        self._load(saved["params"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        return {k: v for k, v in saved.items() if k not in ("params", "optimizer")}

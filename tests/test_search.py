@@ -1,0 +1,81 @@
+"""The budgeted r/C search: candidates, their order, the bisection, and an end-to-end run."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import neuralmerge
+from neuralmerge.calibrate import search as search_module
+from neuralmerge.calibrate.search import candidates, encoded_bytes
+from neuralmerge.pipeline import plan
+from neuralmerge.settings import CalibrationSettings, GroupSetting
+from hetero_models import hetero_pair
+
+
+@pytest.fixture(scope="module")
+def model_b(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("search")
+    _, b = hetero_pair(folder)
+    x = folder / "b.npy"
+    np.save(x, np.random.default_rng(0).standard_normal((64, 1, 28, 28)).astype(np.float32))
+    return b, x
+
+
+def test_candidates_follow_the_depth_and_sort_by_bytes(model_b):
+    b, _ = model_b
+    groups = {g.name: g for g in plan([b]).groups}   # conv1 depth 1, conv2 depth 6, fc1 depth 637
+    assert {(s.r, s.codewords) for s in candidates(groups["conv1"])} == {(1, 64), (1, 128), (1, 256)}
+    assert {s.r for s in candidates(groups["conv2"])} == {4, 6}
+    assert {s.r for s in candidates(groups["fc1"])} == {4, 8, 16, 32} and len(candidates(groups["fc1"])) == 12
+    fc1 = groups["fc1"]
+    # fewer bytes with longer segments and fewer codewords; fp16 codebooks are smaller
+    assert encoded_bytes(fc1, GroupSetting(32, 64)) < encoded_bytes(fc1, GroupSetting(8, 64)) \
+        < encoded_bytes(fc1, GroupSetting(8, 256)) < encoded_bytes(fc1, GroupSetting(4, 256))
+    assert encoded_bytes(fc1, GroupSetting(8, 128), 2) < encoded_bytes(fc1, GroupSetting(8, 128), 4)
+    # exact for fc1: 30 rows × ceil(637/8) one-byte codes + 80 segments × 128 × 8 floats
+    assert encoded_bytes(fc1, GroupSetting(8, 128)) == 30 * 80 + 80 * 128 * 8 * 4
+
+
+class _FakeCalibrator:
+    """Stands in for the trainer: the drop shrinks as the candidate's bytes grow."""
+    calls: list = []
+
+    def __init__(self, teachers, merged, data, heads, settings, **kwargs):
+        self.bytes = merged
+
+    def fit(self):
+        _FakeCalibrator.calls.append(self.bytes)
+        drop = 1e6 / self.bytes        # fraction; monotone in bytes
+        return type("Outcome", (), {"after": [{"accuracy": None, "top1_agreement": 1 - drop, "loss": 0.0}]})()
+
+    def reference(self):
+        return [{"accuracy": None, "top1_agreement": 1.0}]
+
+
+def test_bisection_finds_the_most_compressive_fitting_candidate(model_b, monkeypatch):
+    b, _ = model_b
+    fc1 = next(g for g in plan([b]).groups if g.name == "fc1")
+    monkeypatch.setattr(search_module, "Calibrator", _FakeCalibrator)
+    _FakeCalibrator.calls = []
+    ordered = sorted(encoded_bytes(fc1, s) for s in candidates(fc1))
+    budget = 100 * 1e6 / ordered[7]  # exactly candidate 7 (and every larger one) fits
+    result = search_module.search([fc1], [], [], [], CalibrationSettings(), budget,
+                                  lambda g, s: encoded_bytes(g, s), quiet=True)
+    chosen = result["groups"][0]
+    assert encoded_bytes(fc1, GroupSetting(chosen["r"], chosen["codewords"])) == ordered[7] and chosen["fits"]
+    assert len(_FakeCalibrator.calls) <= 5 < len(ordered)   # bisection, not a sweep
+    assert result["share_per_group"] == pytest.approx(budget)
+
+
+def test_budget_merge_end_to_end(model_b, tmp_path):
+    b, x = model_b
+    result = neuralmerge.merge([b], tmp_path / "m.onnx", calib=[x], budget=100.0, quiet=True,
+                               calibration={"epochs": 1, "batch_size": 32}, report=tmp_path / "r.json")
+    search = result.report["search"]
+    assert search["budget"] == 100.0 and search["share_per_group"] == pytest.approx(100.0 / 3)
+    chosen = {g["name"]: (g["r"], g["codewords"]) for g in search["groups"]}
+    assert chosen == {g["name"]: (g["r"], g["codewords"]) for g in result.report["groups"]}
+    for g in search["groups"]:
+        assert g["fits"] and g["candidates"]
+        assert all(0 <= c["drop"] <= 100 for c in g["candidates"])
+    assert "## Budget search" in (tmp_path / "r.md").read_text()
