@@ -5,41 +5,13 @@ exception is reported the same way (``internal error``) unless ``-v`` asks for t
 """
 from __future__ import annotations
 
-import functools
 import json
-import logging
-import sys
 
 import click
 
 from . import __version__
-from .errors import ConfigError, NeuralMergeError
-
-
-def _user_errors(fn):
-    """Run a command; map failures to a one-line message and a non-zero exit."""
-    @functools.wraps(fn)
-    def wrapper(*args, verbose: bool = False, **kwargs):
-        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-        try:
-            return fn(*args, **kwargs)
-        except click.exceptions.Exit:
-            raise
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            sys.exit(130)
-        except NeuralMergeError as exc:
-            if verbose:
-                raise
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-        except Exception as exc:  # noqa: BLE001 - the user gets one line; -v shows the traceback
-            if verbose:
-                raise
-            first = (str(exc).strip().splitlines() or [""])[0]
-            click.echo(f"error: internal error: {type(exc).__name__}: {first} (run with -v for details)", err=True)
-            sys.exit(2)
-    return click.option("-v", "--verbose", is_flag=True, help="Show details and tracebacks.")(wrapper)
+from .cli_support import user_errors
+from .errors import ConfigError
 
 
 def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
@@ -111,7 +83,7 @@ def main():
 @click.option("--resume", is_flag=True, help="Continue an interrupted calibration from its checkpoint.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
               help="Where calibration checkpoints go (default: OUTPUT.ckpt).")
-@_user_errors
+@user_errors
 def merge(models, output, preset, r, codewords, config, compress_heads, input_shapes, codebook_dtype, report,
           seed, force, quiet, calib, epochs, batch_size, lr, gamma, temperature, holdout, budget, resume,
           checkpoint_dir):
@@ -133,7 +105,7 @@ def merge(models, output, preset, r, codewords, config, compress_heads, input_sh
 @click.argument("models", nargs=-1, type=click.Path(dir_okay=False))
 @_add_options(_encoding_options)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-@_user_errors
+@user_errors
 def inspect(models, preset, r, codewords, config, compress_heads, input_shapes, as_json):
     """Print the mergeable layers of MODELS and the alignment plan."""
     from .pipeline import plan as make_plan
@@ -150,7 +122,7 @@ def inspect(models, preset, r, codewords, config, compress_heads, input_shapes, 
 @click.option("--preset", type=click.Choice(["accu", "light"]), default="accu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@_user_errors
+@user_errors
 def demo(out_dir, preset, seed, quiet):
     """Train two small models offline (digits, synthetic sounds), merge them and report."""
     from .demo import format_demo, run_demo
@@ -211,9 +183,14 @@ def format_summary(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def _register_optional_commands() -> None:
+def _add_commands_of_other_packages() -> None:
+    """Commands that live beside their package (runtime, composition); each imports its heavy parts lazily."""
+    from .compose.cli_compose import compose_cmd
     from .compose.cli_detection import aggregate_detections
-    main.add_command(aggregate_detections)
+    from .runtime.cli_runtime import bench_cmd, pack_cmd, run_cmd
+
+    for command in (compose_cmd, aggregate_detections, run_cmd, bench_cmd, pack_cmd):
+        main.add_command(command)
 
 
-_register_optional_commands()
+_add_commands_of_other_packages()

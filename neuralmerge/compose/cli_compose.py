@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import traceback
 from pathlib import Path
 from typing import Any
 
 import click
 
 from neuralmerge.compose import CompositionError
-from neuralmerge.errors import NeuralMergeError
+from neuralmerge.cli_support import user_errors
 
 _METHODS = ("vote", "sd", "ce", "mf-p", "mf-lu", "mf-lf")  # = labels.METHODS, kept here so --help stays light
 _STRATEGIES = ("unanimous", "consensus", "affirmative")
@@ -90,7 +89,7 @@ def read_array_file(path: str, keys: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write settings, label stats and training history as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite existing output/report files.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option("-v", "--verbose", is_flag=True, help="Per-epoch history; full traceback on errors.")
+@user_errors
 def _compose(teachers: tuple[str, ...], class_files: tuple[str, ...], unlabeled: str, verbose: bool, **options: Any
              ) -> None:
     """Compose black-box classifiers (TEACHERS, ONNX files) into one student for the union of their classes.
@@ -99,13 +98,7 @@ def _compose(teachers: tuple[str, ...], class_files: tuple[str, ...], unlabeled:
     the unlabeled data, filter by entropy, aggregate, train the student, optionally fine-tune on a
     few labels, and write it as ONNX with its class names in the metadata key neuralmerge.classes.
     """
-    try:
-        _run(teachers, class_files, unlabeled, verbose=verbose, **options)
-    except NeuralMergeError as exc:
-        if verbose:
-            traceback.print_exc()
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(1) from None
+    _run(teachers, class_files, unlabeled, verbose=verbose, **options)
 
 
 def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled: str, *, student: str, method: str,

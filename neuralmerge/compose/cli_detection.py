@@ -1,7 +1,6 @@
 """``neuralmerge aggregate-detections``: teachers' COCO results -> one set of detection pseudo-labels."""
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 
 import click
@@ -18,7 +17,7 @@ from neuralmerge.compose.detection import (
     to_annotations_file,
     write_json_atomic,
 )
-from neuralmerge.errors import NeuralMergeError
+from neuralmerge.cli_support import user_errors
 
 
 @click.argument("detections", nargs=-1, required=True, type=click.Path(dir_okay=False))
@@ -43,7 +42,7 @@ from neuralmerge.errors import NeuralMergeError
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write settings, counts and mAP as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite existing output/report files.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option("-v", "--verbose", is_flag=True, help="Per-teacher counts; full traceback on errors.")
+@user_errors
 def _aggregate_detections(
     detections: tuple[str, ...],
     categories: tuple[str, ...],
@@ -66,14 +65,8 @@ def _aggregate_detections(
     Implements Model Composition's Algorithm 2: score filtering, grouping by object, voting among
     the teachers that know each class, and Soft-NMS.
     """
-    try:
-        _run(detections, categories, strategy, iou_threshold, soft_nms_method, sigma, score_threshold,
-             images_path, ground_truth_path, output, output_format, report_path, force, quiet, verbose)
-    except NeuralMergeError as exc:
-        if verbose:
-            traceback.print_exc()
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(1) from None
+    _run(detections, categories, strategy, iou_threshold, soft_nms_method, sigma, score_threshold,
+         images_path, ground_truth_path, output, output_format, report_path, force, quiet, verbose)
 
 
 def _run(detections, categories, strategy, iou_threshold, soft_nms_method, sigma, score_threshold,

@@ -7,29 +7,17 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import click
 import numpy as np
 
-from neuralmerge.cli import _user_errors
+from neuralmerge.cli_support import user_errors
+from neuralmerge.io.onnx_files import write_bytes_atomic
 from neuralmerge.errors import ConfigError
 from neuralmerge.runtime.session import PRECISIONS
 
 __all__ = ["run_cmd", "bench_cmd", "pack_cmd"]
-
-
-def _write_atomic(data: bytes, path: str | os.PathLike, force: bool) -> None:
-    path = Path(path)
-    if path.exists() and not force:
-        raise ConfigError(f"{path} exists; pass --force to overwrite it")
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _read_feeds(values: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -55,7 +43,7 @@ def _read_feeds(values: tuple[str, ...]) -> dict[str, np.ndarray]:
 @click.option("-o", "--out", "out_path", type=click.Path(dir_okay=False), default=None,
               help="Write the outputs to this .npz file.")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
-@_user_errors
+@user_errors
 def run_cmd(model, inputs, outputs, lut, threads, out_path, force):
     """Run MODEL (.onnx or .nmpack) on the native lookup-table runtime."""
     from neuralmerge.runtime import Session
@@ -65,7 +53,7 @@ def run_cmd(model, inputs, outputs, lut, threads, out_path, force):
     if out_path:
         buffer = io.BytesIO()
         np.savez(buffer, **results)
-        _write_atomic(buffer.getvalue(), out_path, force)
+        write_bytes_atomic(buffer.getvalue(), out_path, force=force)
     for name, array in results.items():
         line = f"{name}: shape {tuple(array.shape)}"
         if array.ndim == 2:
@@ -77,14 +65,14 @@ def run_cmd(model, inputs, outputs, lut, threads, out_path, force):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The .nmpack file to write.")
 @click.option("--force", is_flag=True, help="Overwrite the output.")
-@_user_errors
+@user_errors
 def pack_cmd(model, output, force):
     """Pack a merged ONNX MODEL into the .nmpack file the C++ runtime loads (no protobuf needed)."""
     from neuralmerge.runtime import Session, pack_model
 
     data = pack_model(model)
     Session(data)  # the runtime validates the pack before anything is written
-    _write_atomic(data, output, force)
+    write_bytes_atomic(data, output, force=force)
     click.echo(f"wrote {output}: {len(data):,} bytes (from {Path(model).stat().st_size:,} bytes of ONNX)")
 
 
@@ -100,7 +88,7 @@ def pack_cmd(model, output, force):
 @click.option("--no-int8-baseline", is_flag=True, help="Skip the statically quantised int8 baseline.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
 @click.option("--force", is_flag=True, help="Overwrite --json.")
-@_user_errors
+@user_errors
 def bench_cmd(model, baselines, threads, luts, repeat, warmup, no_int8_baseline, json_path, force):
     """Time merged MODEL in the runtime against the original models in ONNX Runtime (batch 1)."""
     from neuralmerge.runtime.bench import benchmark, format_benchmark
@@ -108,5 +96,5 @@ def bench_cmd(model, baselines, threads, luts, repeat, warmup, no_int8_baseline,
     result = benchmark(model, list(baselines), threads=threads, luts=tuple(luts) or PRECISIONS, repeat=repeat,
                        warmup=warmup, int8_baseline=not no_int8_baseline)
     if json_path:
-        _write_atomic(json.dumps(result, indent=2).encode(), json_path, force)
+        write_bytes_atomic(json.dumps(result, indent=2).encode(), json_path, force=force)
     click.echo(format_benchmark(result))
