@@ -198,59 +198,6 @@ def merge(models: list, output: str | os.PathLike | None = None, *, config=None,
 def _search_encode_calibrate(p: Plan, data, cal: CalibrationSettings, heads: list[Layer], budget, checkpoint,
                              seed: int, quiet: bool, group: distributed.Group):
     """The budget search, the encoding and the calibration, each taken from the checkpoint when it has it."""
-    outcome = calibrator = None
-
-    if budget is not None and (isinstance(budget, bool) or not 0 < budget <= 100):
-        raise ConfigError(f"--budget must be a percentage in (0, 100], got {budget}")
-    checkpoint = None
-    if data is not None:
-        checkpoint = _checkpoint(p, data, cal, budget, seed, input_shapes, output, checkpoint_dir, group)
-        if resume:
-            checkpoint.load()
-    heads = [layer for layer in p.dense if layer.is_head]
-    try:
-        merged, encoded, search_report, outcome, calibrator = _search_encode_calibrate(
-            p, data, cal, heads, budget, checkpoint, seed, quiet, group)
-    except KeyboardInterrupt:  # outside the epoch loop (the trainer reports interruptions within it)
-        where = (f"; resume with --resume (checkpoint: {checkpoint.path})"
-                 if checkpoint is not None and checkpoint.path.is_file() else "")
-        raise CalibrationInterrupted(f"interrupted{where}") from None
-    if not group.is_main:
-        group.barrier()
-        return MergeResult(merged, None, None if output is None else str(output))
-    try:
-        try:
-            onnx.checker.check_model(merged, full_check=True)
-        except Exception as exc:  # a bug of ours, not the user's: say so plainly
-            raise NeuralMergeError(f"internal error: the merged model fails the ONNX checker: "
-                                   f"{str(exc).strip().splitlines()[0]}") from exc
-        if fidelity_inputs is None and data is not None:
-            fidelity_inputs = [{d.input_name: d.x[m.holdout[:FIDELITY_MAX]]} for d, m in zip(data, calibrator.models)]
-        fidelity = measure_fidelity(p.originals, merged, p.names, samples=fidelity_samples, seed=seed,
-                                    inputs=fidelity_inputs)
-        out_bytes = merged.ByteSize()
-        if output is not None:
-            out_bytes = save_model_atomic(merged, output, force=force)
-        rep = build_report(p, json.loads(encoded["groups"]), out_bytes, fidelity, output=output, seed=seed,
-                           encode_seconds=encoded["seconds"], total_seconds=time.perf_counter() - start)
-        if outcome is not None:
-            rep["calibration"] = calibration_report(p, data, cal, outcome, calibrator)
-        if search_report is not None:
-            rep["search"] = search_report
-        if report is not None:
-            write_bytes_atomic(json.dumps(rep, indent=2).encode(), report, force=force)
-            if outcome is not None:
-                write_report_files(rep, report, force=force)
-        if checkpoint is not None:
-            checkpoint.remove()
-    finally:
-        group.barrier()
-    return MergeResult(merged, rep, None if output is None else str(output))
-
-
-def _search_encode_calibrate(p: Plan, data, cal: CalibrationSettings, heads: list[Layer], budget, checkpoint,
-                             seed: int, quiet: bool, group: distributed.Group):
-    """The budget search, the encoding and the calibration, each taken from the checkpoint when it has it."""
     outcome = calibrator = search_report = None
     if budget is not None:
         search_report = checkpoint.get("search")
