@@ -127,3 +127,31 @@ def test_config_controls_groups(tmp_path):
     assert "conv1" not in names
     assert names["conv2"]["r"] == 2 and max(names["conv2"]["segment_codewords"]) <= 8
     assert all(g["r"] == 4 for n, g in names.items() if n not in ("conv2",) and g["kind"] == "fc")
+
+
+def test_mobilenet_with_vgg_batchnorm_folded_and_exact(tmp_path):
+    """A MobileNet-style (depthwise, squeeze-excitation, HardSwish) and a VGG-style model, both
+    exported with their BatchNormalization nodes: BN is folded, depthwise layers are not forced
+    onto dense ones, and with enough codewords the merged file reproduces both exactly."""
+    from helpers_models import export_zoo_model, sample_input
+
+    mobile = export_zoo_model("MobileNetStyle", tmp_path, 13, fold_constants=False)
+    vgg_dir = tmp_path / "vgg"
+    vgg_dir.mkdir()
+    vgg = export_zoo_model("VGGStyle", vgg_dir, 17, fold_constants=False, seed=1)
+    assert any(n.op_type == "BatchNormalization" for n in onnx.load(str(mobile)).graph.node)
+    result = neuralmerge.merge([mobile, vgg], tmp_path / "m.onnx", r=4, codewords=65536, compress_heads=True,
+                               quiet=True, fidelity_samples=2)
+    merged = result.model
+    assert not any(n.op_type == "BatchNormalization" for n in merged.graph.node)
+    plan = neuralmerge.plan([mobile, vgg], r=4, codewords=65536)
+    for g in plan.groups:  # depthwise kernels (depth 1) never share a codebook with deep dense ones
+        depths = {m.depth for m in g.members}
+        assert not (1 in depths and max(depths) > 8), (g.name, depths)
+    xm, xv = sample_input("MobileNetStyle", 3).numpy(), sample_input("VGGStyle", 2, seed=1).numpy()
+    got = run(merged, {"m0.input": xm, "m1.input": xv})
+    np.testing.assert_allclose(got["m0.logits"], run(onnx.load(str(mobile)), {"input": xm})["logits"],
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["m1.logits"], run(onnx.load(str(vgg)), {"input": xv})["logits"],
+                               rtol=1e-4, atol=1e-5)
+    assert {g["kind"] for g in result.report["groups"]} == {"conv", "fc"}
