@@ -2,7 +2,8 @@
 
 ``compose(teachers, classes, unlabeled, ...)`` is the whole classification pipeline (teacher
 inference → filtering → aggregation / UHC soft labels → student training → ONNX export); the
-pieces live in ``teachers``, ``labels`` and ``student``. Detection pseudo-label aggregation is in
+pieces live in ``teachers``, ``labels`` and ``student``, multi-label (sigmoid) teachers in
+``multilabel`` and AKA's feature transfer bridges in ``transfer``. Detection pseudo-label aggregation is in
 ``detection``. This module stays light (the CLI imports it): heavy imports happen on first call.
 """
 from __future__ import annotations
@@ -79,12 +80,40 @@ def _label_indices(y: Any, union: list[str]) -> Any:
     return y.astype(np.int64)
 
 
+def _check_multi_label(multi_label: Sequence[int], count: int, method: str | None, tasks: Sequence[str] | None,
+                       backprop: bool, balance: bool, labeled: Any) -> str:
+    """Validate the multi-label settings; return the method to use (``sd`` for multi-label teachers)."""
+    indices = sorted({int(i) for i in multi_label})
+    if any(not 0 <= i < count for i in indices):
+        raise CompositionError(f"--multi-label takes teacher positions 0..{count - 1}, got {list(multi_label)}")
+    if not indices:
+        if tasks is not None:
+            raise CompositionError("--tasks selects attributes of --multi-label teachers; no teacher is multi-label")
+        return method or "ce"
+    if len(indices) != count:
+        single = next(i for i in range(count) if i not in indices)
+        raise CompositionError(f"teacher {single} is single-label (softmax) but teachers {indices} are multi-label; "
+                               f"they cannot be mixed")
+    if method not in (None, "sd"):
+        raise CompositionError(f"multi-label teachers are averaged per task (--method sd); --method {method} is for "
+                               f"softmax teachers")
+    if backprop or balance:
+        raise CompositionError(f"--{'backprop' if backprop else 'balance'} applies to softmax teachers, not "
+                               f"multi-label ones")
+    if labeled is not None:
+        raise CompositionError("--labeled fine-tuning takes single-label classes; not with multi-label teachers")
+    return "sd"
+
+
 def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled: "np.ndarray", *,
-            method: str = "ce", strategy: str = "consensus", tau: float | None = None, temperature: float = 1.0,
-            balance: bool = False, select: str = "none", backprop: bool = False, hard: bool = False,
-            student: str = "lenet", epochs: int = 10, batch_size: int = 64, lr: float = 1e-3,
-            val_fraction: float = 0.1, labeled: tuple[Any, Any] | None = None, finetune_epochs: int = 5,
-            finetune_lr: float = 1e-4, output: str | os.PathLike | None = None, force: bool = False,
+            method: str | None = None, strategy: str = "consensus", tau: float | None = None,
+            temperature: float = 1.0, balance: bool = False, select: str = "none", backprop: bool = False,
+            hard: bool = False, multi_label: Sequence[int] = (), tasks: Sequence[str] | None = None,
+            feature_transfer: bool = False, transfer_weight: float = 0.1,
+            transfer_pairs: Sequence[tuple[int, str, str]] | None = None, student: str = "lenet", epochs: int = 10,
+            batch_size: int = 64, lr: float = 1e-3, val_fraction: float = 0.1,
+            labeled: tuple[Any, Any] | None = None, finetune_epochs: int = 5, finetune_lr: float = 1e-4,
+            output: str | os.PathLike | None = None, force: bool = False,
             cache_dir: str | os.PathLike | None = None, teacher_batch_size: int = 256, seed: int = 0,
             progress: bool = True) -> CompositionResult:
     """Model Composition's Algorithm 1 for classifiers: one student for the union of the teachers' classes.
@@ -92,11 +121,18 @@ def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled
     ``teachers``: ONNX paths, :class:`teachers.Teacher` objects or callables (float32 batch →
     logits). ``classes``: each teacher's class names, in output order. ``unlabeled``: inputs
     (N, ...). Teachers run once per (teacher, data) and are cached in ``cache_dir`` if given.
-    Labels come from :func:`labels.make_pseudo_labels` (``method``, ``strategy``, ``tau``,
-    ``temperature``, ``balance``, ``select``); the student is trained by
+    Labels come from :func:`labels.make_pseudo_labels` (``method`` default ``ce``, ``strategy``,
+    ``tau``, ``temperature``, ``balance``, ``select``); the student is trained by
     :func:`student.train_student` (with the UHC loss of ``method`` when ``backprop``), then
     fine-tuned on ``labeled`` = (x, y) if given, and written to ``output`` (ONNX with the
     ``neuralmerge.classes`` metadata) if given. Nothing is written when any step fails.
+
+    ``multi_label``: positions of teachers whose outputs are independent sigmoids (all teachers
+    or none); their class names are task names, ``tasks`` selects what the student learns
+    (default all) and targets come from :func:`multilabel.make_task_targets`. ``feature_transfer``
+    adds AKA's transfer bridges to white-box ONNX teachers (:class:`transfer.FeatureTransfer`),
+    weighted by ``transfer_weight``, between blocks of equal spatial size or, with
+    ``transfer_pairs``, only the (teacher position, student block, teacher tensor) pairs listed.
     """
     import numpy as np
 
@@ -108,12 +144,27 @@ def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled
         from neuralmerge.io.onnx_files import check_output_path
 
         check_output_path(output, force=force)
+    method = _check_multi_label(multi_label, len(teachers), method, tasks, backprop, balance, labeled)
+    is_multi_label = bool(multi_label)
     if backprop and method not in pseudo.BACKPROP_METHODS:
         raise CompositionError(f"--backprop works with --method {', '.join(pseudo.BACKPROP_METHODS)}, not '{method}'")
     if backprop and balance:
         raise CompositionError("--balance weights estimated soft labels; it does not apply with --backprop")
+    if feature_transfer and transfer_weight <= 0:
+        raise CompositionError(f"--transfer-weight must be > 0, got {transfer_weight}")
+    if transfer_pairs is not None and not feature_transfer:
+        raise CompositionError("--transfer-pair needs --feature-transfer")
     teacher_list = [as_teacher(t, i) for i, t in enumerate(teachers)]
     union, supports, input_shape = _check_inputs(teacher_list, classes, unlabeled)
+    if is_multi_label:
+        from neuralmerge.compose.multilabel import resolve_tasks
+
+        union = resolve_tasks(classes, tasks)
+    imported = []
+    if feature_transfer:
+        from neuralmerge.compose.transfer import import_teacher
+
+        imported = [import_teacher(t) for t in teacher_list]
     labeled_x = labeled_y = None
     if labeled is not None:
         labeled_x = np.asarray(labeled[0], dtype=np.float32)
@@ -122,6 +173,12 @@ def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled
             raise CompositionError(f"labeled data must be x {['N', *input_shape]} with one label per sample, got "
                                    f"x {list(labeled_x.shape)} and {len(labeled_y)} labels")
     model = students.build_student(student, union, input_shape, seed)
+    bridges = None
+    if feature_transfer:  # pair blocks now, so a teacher that pairs with nothing fails before the teachers run
+        from neuralmerge.compose.transfer import FeatureTransfer
+
+        bridges = FeatureTransfer(model.model, model.template, teacher_list, imported, input_shape, transfer_weight,
+                                  explicit=transfer_pairs)
 
     x = np.ascontiguousarray(unlabeled, dtype=np.float32)
     logits, cached = teacher_logits(teacher_list, x, batch_size=teacher_batch_size, cache_dir=cache_dir,
@@ -130,28 +187,48 @@ def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled
         if z.shape[1] != len(names):
             raise CompositionError(f"teacher {teacher.name} outputs {z.shape[1]} logits but its class list has "
                                    f"{len(names)} names")
-    labels = pseudo.make_pseudo_labels(logits, supports, len(union), method=method, strategy=strategy, tau=tau,
-                                       temperature=temperature, balance=balance, select=select)
-    training = students.train_student(model.model, x[labels.keep], labels, epochs=epochs, batch_size=batch_size,
-                                      lr=lr, hard=hard, backprop=method if backprop else None,
-                                      val_fraction=val_fraction, seed=seed, progress=progress)
+    if is_multi_label:
+        from neuralmerge.compose.multilabel import make_task_targets
+
+        labels = make_task_targets(logits, classes, union, tau=tau, temperature=temperature, select=select)
+        owners = labels.owner
+    else:
+        labels = pseudo.make_pseudo_labels(logits, supports, len(union), method=method, strategy=strategy, tau=tau,
+                                           temperature=temperature, balance=balance, select=select)
+        # the features of each sample come from its least-entropy teacher among those knowing its class (AKA §3.3)
+        owners = pseudo.select_least_entropy(labels.outputs, labels.active, labels.soft)[1]
+    try:
+        if bridges is not None:
+            bridges.set_owners(owners)
+        training = students.train_student(model.model, x[labels.keep], labels, epochs=epochs,
+                                          batch_size=batch_size, lr=lr, hard=hard,
+                                          backprop=method if backprop else None, val_fraction=val_fraction,
+                                          seed=seed, progress=progress, transfer=bridges)
+    finally:
+        if bridges is not None:
+            bridges.close()
     report: dict[str, Any] = {
         "teachers": [{"name": t.name, "classes": list(c), "cached": hit}
                      for t, c, hit in zip(teacher_list, classes, cached)],
         "classes": union,
         "settings": {"method": method, "strategy": strategy if method == "vote" else None, "tau": tau,
                      "temperature": temperature, "balance": balance, "select": select, "backprop": backprop,
-                     "hard": hard, "student": student, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                     "val_fraction": val_fraction, "seed": seed},
+                     "hard": hard, "multi_label": is_multi_label, "feature_transfer": feature_transfer,
+                     "transfer_weight": transfer_weight if feature_transfer else None, "student": student,
+                     "epochs": epochs, "batch_size": batch_size, "lr": lr, "val_fraction": val_fraction,
+                     "seed": seed},
         "labels": labels.stats,
         "training": training,
     }
+    if bridges is not None:
+        report["feature_transfer"] = bridges.describe()
     if labeled_x is not None:
         report["finetune"] = students.finetune(model.model, labeled_x, labeled_y, epochs=finetune_epochs,
                                                lr=finetune_lr, seed=seed, progress=progress)
     if output is not None:
         report["output"] = str(output)
-        report["output_bytes"] = students.export_student(model, output, union, input_shape, force=force)
+        report["output_bytes"] = students.export_student(model, output, union, input_shape, force=force,
+                                                         multi_label=is_multi_label)
     return CompositionResult(model.model, union, report)
 
 

@@ -59,8 +59,9 @@ def read_array_file(path: str, keys: tuple[str, ...]) -> dict[str, Any]:
               help="Unlabeled inputs: .npy, or .npz with key x; shape (N, C, H, W) like the teachers' input.")
 @click.option("--student", default="lenet", show_default=True,
               help="lenet, resnet, mobilenet, or an ONNX file whose weights start the student (final Gemm resized).")
-@click.option("--method", type=click.Choice(_METHODS), default="ce", show_default=True,
-              help="How teachers' outputs become soft labels: vote, or the UHC estimators sd/ce/mf-p/mf-lu/mf-lf.")
+@click.option("--method", type=click.Choice(_METHODS), default=None,
+              help="How teachers' outputs become soft labels: vote, or the UHC estimators sd/ce/mf-p/mf-lu/mf-lf "
+                   "[default: ce; sd, the only choice, for --multi-label teachers].")
 @click.option("--strategy", type=click.Choice(_STRATEGIES), default="consensus", show_default=True,
               help="--method vote: keep a sample when all / at least half / any of the teachers knowing its class agree.")
 @click.option("--tau", type=float, default=None,
@@ -69,6 +70,18 @@ def read_array_file(path: str, keys: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--balance", is_flag=True, help="Weight classes by the inverse mean soft label (UHC's BS).")
 @click.option("--select", type=click.Choice(["none", "least-entropy"]), default="none", show_default=True,
               help="least-entropy: learn each sample from the most certain teacher that knows its class.")
+@click.option("--multi-label", "multi_label", type=int, multiple=True, metavar="POSITION",
+              help="Teacher at this 0-based position (in TEACHERS order) outputs independent sigmoid logits, one "
+                   "per task name in its --classes file; repeat for each (all teachers or none).")
+@click.option("--tasks", help="Comma-separated task names the multi-label student learns [default: all].")
+@click.option("--feature-transfer", is_flag=True,
+              help="Also learn the teachers' block features through 1x1 transfer bridges (AKA); ONNX teachers are "
+                   "imported as white boxes, blocks paired by spatial size.")
+@click.option("--transfer-weight", type=float, default=0.1, show_default=True,
+              help="Weight of the feature-transfer loss (bridge MSE + weight-norm regulariser).")
+@click.option("--transfer-pair", "transfer_pairs", multiple=True, metavar="POSITION:STUDENT=TEACHER",
+              help="Pair these blocks instead of pairing by spatial size: teacher position, student block name, "
+                   "teacher tensor name (as the report's feature_transfer lists them); repeatable.")
 @click.option("--backprop", is_flag=True, help="Train through the UHC loss of --method directly (the -BP variants).")
 @click.option("--hard", is_flag=True, help="Train with cross-entropy to the labels' argmax instead of KL to soft labels.")
 @click.option("--epochs", type=int, default=10, show_default=True)
@@ -101,8 +114,11 @@ def _compose(teachers: tuple[str, ...], class_files: tuple[str, ...], unlabeled:
     _run(teachers, class_files, unlabeled, verbose=verbose, **options)
 
 
-def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled: str, *, student: str, method: str,
-         strategy: str, tau: float | None, temperature: float, balance: bool, select: str, backprop: bool, hard: bool,
+def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled: str, *, student: str,
+         method: str | None, strategy: str, tau: float | None, temperature: float, balance: bool, select: str,
+         multi_label: tuple[int, ...], tasks: str | None, feature_transfer: bool, transfer_weight: float,
+         transfer_pairs: tuple[str, ...],
+         backprop: bool, hard: bool,
          epochs: int, batch_size: int, lr: float, val_fraction: float, labeled: str | None, finetune_epochs: int,
          finetune_lr: float, cache_dir: str | None, no_cache: bool, threads: int, seed: int, output: str,
          report_path: str | None, force: bool, quiet: bool, verbose: bool) -> None:
@@ -121,6 +137,10 @@ def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled
         arrays = read_array_file(labeled, ("x", "y"))
         labeled_data = (arrays["x"], arrays["y"])
 
+    from neuralmerge.compose.transfer import parse_transfer_pair
+
+    pairs = [parse_transfer_pair(text) for text in transfer_pairs] or None
+
     import torch
 
     from neuralmerge.compose import compose
@@ -135,7 +155,10 @@ def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled
                                    f"{teacher.output_width} logits")
     result = compose(
         teachers, classes, x, method=method, strategy=strategy, tau=tau, temperature=temperature, balance=balance,
-        select=select, backprop=backprop, hard=hard, student=student, epochs=epochs, batch_size=batch_size, lr=lr,
+        select=select, multi_label=multi_label, tasks=tasks.split(",") if tasks is not None else None,
+        feature_transfer=feature_transfer, transfer_weight=transfer_weight,
+        transfer_pairs=pairs, backprop=backprop, hard=hard,
+        student=student, epochs=epochs, batch_size=batch_size, lr=lr,
         val_fraction=val_fraction, labeled=labeled_data, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
         output=output, force=force, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
         seed=seed, progress=not quiet,
@@ -150,12 +173,18 @@ def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled
         return
     stats, training = report["labels"], report["training"]
     cached = sum(t["cached"] for t in report["teachers"])
-    click.echo(f"{len(teachers)} teachers ({cached} from cache), {len(result.classes)} classes; "
+    method = report["settings"]["method"]
+    kind = "multi-label tasks" if multi_label else "classes"
+    click.echo(f"{len(teachers)} teachers ({cached} from cache), {len(result.classes)} {kind}; "
                f"{stats['samples']} unlabeled samples -> {stats['after_entropy_filter']} after --tau -> "
                f"{stats['kept']} pseudo-labelled ({method}{'-bp' if backprop else ''}{', balanced' if balance else ''})")
+    if feature_transfer:
+        click.echo(f"feature transfer: {len(report['feature_transfer'])} block pairs "
+                   f"({', '.join(p['student_block'] + '->' + p['teacher_block'] for p in report['feature_transfer'])})")
     if verbose:
         for record in training["history"]:
             click.echo(f"  epoch {record['epoch']}: loss {record['loss']:.4f}"
+                       + (f", transfer {record['transfer_loss']:.4f}" if "transfer_loss" in record else "")
                        + (f", held-out agreement {record['val_agreement']:.4f}" if "val_agreement" in record else ""))
     agreement = training["best_val_agreement"]
     click.echo(f"student {student}: best epoch {training['best_epoch']}/{epochs}"

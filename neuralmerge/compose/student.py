@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from neuralmerge.compose import CompositionError
 from neuralmerge.compose.labels import BACKPROP_METHODS, PseudoLabels, uhc_loss
+from neuralmerge.compose.multilabel import MULTI_LABEL_KEY, TaskTargets
+from neuralmerge.compose.transfer import FeatureTransfer
 
 STUDENTS: tuple[str, ...] = ("lenet", "resnet", "mobilenet")
 CLASSES_KEY = "neuralmerge.classes"
@@ -152,16 +154,29 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
     return batches
 
 
-def train_student(model: nn.Module, x: np.ndarray, labels: PseudoLabels, *, epochs: int = 10,
+def _agreement(scores: np.ndarray, labels: "PseudoLabels | TaskTargets", rows: np.ndarray) -> float:
+    """Top-1 agreement with the pseudo-labels, or for tasks the weighted share of yes/no decisions that agree."""
+    if isinstance(labels, TaskTargets):
+        weight = labels.weight[rows]
+        same = (scores > 0) == (labels.soft[rows] > 0.5)
+        return float((same * weight).sum() / max(weight.sum(), 1.0))
+    return float((scores.argmax(axis=1) == labels.soft[rows].argmax(axis=1)).mean())
+
+
+def train_student(model: nn.Module, x: np.ndarray, labels: "PseudoLabels | TaskTargets", *, epochs: int = 10,
                   batch_size: int = 64, lr: float = 1e-3, hard: bool = False, backprop: str | None = None,
-                  val_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+                  val_fraction: float = 0.1, seed: int = 0, progress: bool = True,
+                  transfer: "FeatureTransfer | None" = None) -> dict[str, Any]:
     """Train on the kept samples ``x`` (aligned with ``labels.soft``); keep the best held-out checkpoint.
 
     The loss is KL to the soft labels (cross-entropy up to a constant), cross-entropy to their
     argmax with ``hard``, or the UHC objective of ``backprop`` through the student's output.
-    Class weights from ``labels.class_weights`` scale every class's term. A random
-    ``val_fraction`` of the samples is held out; after each epoch the student's top-1 agreement
-    with the pseudo-labels there picks the checkpoint that is kept.
+    Class weights from ``labels.class_weights`` scale every class's term. For multi-label
+    :class:`TaskTargets` it is binary cross-entropy per task (to the probabilities, or to them
+    thresholded at ½ with ``hard``), weighted by ``labels.weight``. With ``transfer`` the student
+    runs through the transfer bridges, whose loss is added and whose weights train too. A random
+    ``val_fraction`` of the samples is held out; after each epoch the student's agreement with
+    the pseudo-labels there picks the checkpoint that is kept.
     """
     if epochs < 1:
         raise CompositionError(f"--epochs must be >= 1, got {epochs}")
@@ -169,14 +184,20 @@ def train_student(model: nn.Module, x: np.ndarray, labels: PseudoLabels, *, epoc
         raise CompositionError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if backprop is not None and backprop not in BACKPROP_METHODS:
         raise CompositionError(f"--backprop works with --method {', '.join(BACKPROP_METHODS)}, not '{backprop}'")
+    multi_label = isinstance(labels, TaskTargets)
+    if multi_label and backprop is not None:
+        raise CompositionError("--backprop trains through UHC losses of softmax teachers, not multi-label ones")
     if backprop is not None and labels.class_weights is not None:
         raise CompositionError("--balance weights estimated soft labels; it does not apply with --backprop")
     rng = np.random.default_rng(seed)
     train_rows, val_rows = _split_validation(len(x), val_fraction, rng)
     inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     soft = torch.from_numpy(labels.soft)
-    weights = torch.ones(soft.shape[1]) if labels.class_weights is None else torch.from_numpy(
-        labels.class_weights.astype(np.float32))
+    if multi_label:
+        weights = torch.from_numpy(labels.weight)
+    else:
+        weights = torch.ones(soft.shape[1]) if labels.class_weights is None else torch.from_numpy(
+            labels.class_weights.astype(np.float32))
     if backprop is not None:
         teacher_logits = torch.from_numpy(labels.outputs.logits.astype(np.float32))
         teacher_probs = torch.from_numpy(labels.outputs.probs.astype(np.float32))
@@ -184,32 +205,46 @@ def train_student(model: nn.Module, x: np.ndarray, labels: PseudoLabels, *, epoc
 
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * len(_batches(len(train_rows), batch_size, torch.Generator().manual_seed(seed)))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    parameters = list(model.parameters()) + (list(transfer.parameters()) if transfer is not None else [])
+    optimizer = torch.optim.Adam(parameters, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     history: list[dict[str, float]] = []
     best_state, best_agreement, best_epoch = None, -1.0, epochs
     train_index = torch.from_numpy(train_rows)
-    reference = labels.soft[val_rows].argmax(axis=1)
     for epoch in tqdm(range(1, epochs + 1), desc="student", unit="epoch", disable=not progress, leave=False):
         model.train()
-        total = 0.0
+        total = transfer_total = 0.0
         for batch in _batches(len(train_index), batch_size, generator):
             rows = train_index[batch]
-            out = model(inputs[rows])
-            if backprop is not None:
+            if transfer is not None:
+                out, transfer_loss = transfer(inputs[rows], rows)
+            else:
+                out, transfer_loss = model(inputs[rows]), None
+            if multi_label:
+                target = (soft[rows] > 0.5).float() if hard else soft[rows]
+                loss = (nn.functional.binary_cross_entropy_with_logits(out, target, weight=weights[rows],
+                                                                       reduction="sum")
+                        / weights[rows].sum().clamp_min(1.0))
+            elif backprop is not None:
                 loss = uhc_loss(backprop, out, teacher_logits[rows], teacher_probs[rows], mask[rows])
             elif hard:
                 loss = nn.functional.cross_entropy(out, soft[rows].argmax(dim=1), weight=weights)
             else:
                 loss = -(weights * soft[rows] * torch.log_softmax(out, dim=1)).sum(dim=1).mean()
+            if transfer_loss is not None:
+                loss = loss + transfer_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             total += loss.item() * len(rows)
+            if transfer_loss is not None:
+                transfer_total += transfer_loss.item() * len(rows)
         record = {"epoch": epoch, "loss": round(total / max(len(train_rows), 1), 6)}
+        if transfer is not None:
+            record["transfer_loss"] = round(transfer_total / max(len(train_rows), 1), 6)
         if len(val_rows):
-            agreement = float((_predict(model, inputs[val_rows]).argmax(axis=1) == reference).mean())
+            agreement = _agreement(_predict(model, inputs[val_rows]), labels, val_rows)
             record["val_agreement"] = round(agreement, 4)
             if agreement > best_agreement:
                 best_state, best_agreement, best_epoch = copy.deepcopy(model.state_dict()), agreement, epoch
@@ -236,8 +271,12 @@ def finetune(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 5,
 
 
 def export_student(student: Student, path: str | os.PathLike, classes: list[str], input_shape: tuple[int, ...],
-                   *, force: bool = False) -> int:
-    """Write the student as ONNX with its class names under ``neuralmerge.classes``; return the byte size."""
+                   *, force: bool = False, multi_label: bool = False) -> int:
+    """Write the student as ONNX with its class names under ``neuralmerge.classes``; return the byte size.
+
+    A ``multi_label`` student (one sigmoid logit per task, the output is still logits) also gets
+    ``neuralmerge.multi_label = "true"``.
+    """
     from neuralmerge.io.onnx_files import save_model_atomic
 
     if student.template is not None:
@@ -247,10 +286,12 @@ def export_student(student: Student, path: str | os.PathLike, classes: list[str]
 
         with tempfile.TemporaryDirectory() as folder:
             model = onnx.load(str(export_onnx(student.model, Path(folder) / "student.onnx", input_shape)))
-    kept = [p for p in model.metadata_props if p.key != CLASSES_KEY]
+    kept = [p for p in model.metadata_props if p.key not in (CLASSES_KEY, MULTI_LABEL_KEY)]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     model.metadata_props.add(key=CLASSES_KEY, value=json.dumps(classes))
+    if multi_label:
+        model.metadata_props.add(key=MULTI_LABEL_KEY, value="true")
     return save_model_atomic(model, path, force=force)
 
 

@@ -32,6 +32,7 @@ class Teacher:
     cache_key: str | None = None
     input_shape: tuple[int, ...] | None = None   # one sample's shape, when the model declares it
     output_width: int | None = None              # number of logits, when the model declares it
+    onnx_path: str | None = None                 # set for ONNX teachers: a white box feature transfer can import
 
 
 def _first_line(error: BaseException) -> str:
@@ -54,7 +55,8 @@ def onnx_teacher(path: str | os.PathLike, threads: int = 1) -> Teacher:
         return session.run(None, {declared.name: batch})[0]
 
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return Teacher(run, str(path), cache_key=f"onnx:{digest}", input_shape=input_shape, output_width=output_width)
+    return Teacher(run, str(path), cache_key=f"onnx:{digest}", input_shape=input_shape, output_width=output_width,
+                   onnx_path=str(path))
 
 
 def as_teacher(teacher: "Teacher | str | os.PathLike | BatchFunction", index: int) -> Teacher:
