@@ -65,10 +65,12 @@ def format_markdown(rep: dict) -> str:
     search = rep.get("search")
     if search:
         lines += ["", "## Budget search", "",
-                  f"Budget {search['budget']} points, {search['share_per_group']:.3f} per group; {search['seconds']} s.",
-                  "", "| group | chosen r/C | drop (points) | fits | candidates tried |", "|---|---|---:|---|---:|"]
+                  f"Budget {search['budget']} points, shared among groups in proportion to their weights; "
+                  f"{search['seconds']} s.",
+                  "", "| group | chosen r/C | share (points) | drop (points) | fits | candidates tried |",
+                  "|---|---|---:|---:|---|---:|"]
         for g in search["groups"]:
-            lines.append(f"| {g['name']} | {g['r']}/{g['codewords']} | {g['drop']:.3f} | "
+            lines.append(f"| {g['name']} | {g['r']}/{g['codewords']} | {g['share']:.3f} | {g['drop']:.3f} | "
                          f"{'yes' if g['fits'] else 'no'} | {len(g['candidates'])} |")
     lines += ["", "## Fidelity in ONNX Runtime", "", "| model | samples | top-1 agreement | max abs error |",
               "|---|---:|---:|---:|"]

@@ -1,12 +1,13 @@
-"""The budgeted r/C search: candidates, their order, the bisection, and an end-to-end run."""
+"""The budgeted r/C search: candidates, their order, shares, the drop measure, the bisection, end to end."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import neuralmerge
 from neuralmerge.calibrate import search as search_module
-from neuralmerge.calibrate.search import candidates, encoded_bytes
+from neuralmerge.calibrate.search import _expected_accuracy_drop, budget_shares, candidates, encoded_bytes
 from neuralmerge.pipeline import plan
 from neuralmerge.settings import CalibrationSettings, GroupSetting
 from hetero_models import hetero_pair
@@ -37,34 +38,58 @@ def test_candidates_follow_the_depth_and_sort_by_bytes(model_b):
 
 
 class _FakeCalibrator:
-    """Stands in for the trainer: the drop shrinks as the candidate's bytes grow."""
-    calls: list = []
+    """Stands in for the trainer: the drop shrinks as the candidate's bytes grow, and halves when calibrated."""
+    fits: list = []
 
     def __init__(self, teachers, merged, data, heads, settings, **kwargs):
-        self.bytes = merged
+        self.bytes, self.calibrated = merged, False
 
     def fit(self):
-        _FakeCalibrator.calls.append(self.bytes)
-        drop = 1e6 / self.bytes        # fraction; monotone in bytes
-        return type("Outcome", (), {"after": [{"accuracy": None, "top1_agreement": 1 - drop, "loss": 0.0}]})()
+        _FakeCalibrator.fits.append(self.bytes)
+        self.calibrated = True
 
-    def reference(self):
-        return [{"accuracy": None, "top1_agreement": 1.0}]
+
+def _fake_drop(calibrator) -> float:
+    return 100 * 1e6 / calibrator.bytes / (2 if calibrator.calibrated else 1)
 
 
 def test_bisection_finds_the_most_compressive_fitting_candidate(model_b, monkeypatch):
     b, _ = model_b
     fc1 = next(g for g in plan([b]).groups if g.name == "fc1")
     monkeypatch.setattr(search_module, "Calibrator", _FakeCalibrator)
-    _FakeCalibrator.calls = []
+    monkeypatch.setattr(search_module, "fidelity_drop", _fake_drop)
+    _FakeCalibrator.fits = []
     ordered = sorted(encoded_bytes(fc1, s) for s in candidates(fc1))
-    budget = 100 * 1e6 / ordered[7]  # exactly candidate 7 (and every larger one) fits
+    budget = 100 * 1e6 / ordered[7] / 2  # exactly candidate 7 (and every larger one) fits once calibrated
     result = search_module.search([fc1], [], [], [], CalibrationSettings(), budget,
                                   lambda g, s: encoded_bytes(g, s), quiet=True)
     chosen = result["groups"][0]
     assert encoded_bytes(fc1, GroupSetting(chosen["r"], chosen["codewords"])) == ordered[7] and chosen["fits"]
-    assert len(_FakeCalibrator.calls) <= 5 < len(ordered)   # bisection, not a sweep
-    assert result["share_per_group"] == pytest.approx(budget)
+    assert chosen["drop"] == pytest.approx(budget) and chosen["share"] == pytest.approx(budget)
+    assert len(_FakeCalibrator.fits) <= 5 < len(ordered)   # bisection, not a sweep
+    # a candidate that fits before calibration is not calibrated
+    _FakeCalibrator.fits = []
+    loose = search_module.search([fc1], [], [], [], CalibrationSettings(), 100 * 1e6 / ordered[0],
+                                 lambda g, s: encoded_bytes(g, s), quiet=True)
+    assert loose["groups"][0]["r"] == 32 and _FakeCalibrator.fits == []
+    assert not any(c["calibrated"] for c in loose["groups"][0]["candidates"])
+
+
+def test_budget_shares_follow_the_weights(model_b):
+    b, _ = model_b
+    groups = plan([b]).groups
+    shares = budget_shares(groups, 2.0)
+    sizes = {g.name: sum(m.weight.size for m in g.members) for g in groups}
+    assert sum(shares.values()) == pytest.approx(2.0)
+    assert shares["fc1"] / shares["conv2"] == pytest.approx(sizes["fc1"] / sizes["conv2"])
+
+
+def test_expected_accuracy_drop():
+    teacher = torch.log(torch.tensor([[0.5, 0.4, 0.1], [0.9, 0.05, 0.05]]))
+    student = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])   # flips the near-tie only
+    assert _expected_accuracy_drop(teacher, student, None).tolist() == pytest.approx([0.1, 0.0])
+    labels = torch.tensor([0, 1])
+    assert _expected_accuracy_drop(teacher, student, labels).tolist() == [1.0, 0.0]
 
 
 def test_budget_merge_end_to_end(model_b, tmp_path):
@@ -72,7 +97,7 @@ def test_budget_merge_end_to_end(model_b, tmp_path):
     result = neuralmerge.merge([b], tmp_path / "m.onnx", calib=[x], budget=100.0, quiet=True,
                                calibration={"epochs": 1, "batch_size": 32}, report=tmp_path / "r.json")
     search = result.report["search"]
-    assert search["budget"] == 100.0 and search["share_per_group"] == pytest.approx(100.0 / 3)
+    assert search["budget"] == 100.0 and sum(g["share"] for g in search["groups"]) == pytest.approx(100.0)
     chosen = {g["name"]: (g["r"], g["codewords"]) for g in search["groups"]}
     assert chosen == {g["name"]: (g["r"], g["codewords"]) for g in result.report["groups"]}
     for g in search["groups"]:
