@@ -1,4 +1,4 @@
-"""The merge pipeline: load → normalise → find layers → align → encode → export → measure.
+"""The merge pipeline: load → normalise → find layers → align → encode → export → calibrate → measure.
 
 ``plan`` stops after alignment (what ``neuralmerge inspect`` prints); ``merge`` runs it all.
 """
@@ -33,9 +33,6 @@ from .graph.normalize import default_opset, graph_inputs, input_specs, normalize
 from .io.onnx_files import check_output_path, load_model, save_model_atomic, write_bytes_atomic
 from .report_files import write_report_files
 from .settings import CalibrationSettings, GroupSetting, MergeConfig, make_config
-
-ModelLike = "str | os.PathLike | onnx.ModelProto"
-
 
 @dataclass
 class Plan:
