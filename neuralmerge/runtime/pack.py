@@ -208,7 +208,10 @@ def _elayer_specs(nodes: list, metadata: dict[str, str]) -> dict:
         if node.name in codewords:
             spec["segment_codewords"] = codewords[node.name]
         if node.name in scales:
-            spec["input_scale"] = float(scales[node.name])
+            # The metadata holds the largest |input| seen in calibration; the kernels want the
+            # quantisation step. /127 fits both of their modes (uint8 for inputs >= 0, int8 around
+            # a zero point otherwise): the sign of an input is only known at run time.
+            spec["input_scale"] = float(scales[node.name]) / 127.0
         if spec:
             specs[node.name] = spec
     return specs
