@@ -1,0 +1,45 @@
+"""Top-1 agreement of the reduced-precision LUT paths with the exact fp32 path on real test data.
+
+Uses the demo pair (`neuralmerge demo` writes digits.onnx, sound20.onnx and the calibrated
+merged.onnx into its folder): each test image of digits32 and sound20 is run at batch 1 through
+the native runtime at fp32, fp16 and int8, and the predictions are compared.
+
+    neuralmerge demo --out runs/demo && python benchmarks/int8_agreement.py runs/demo
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from neuralmerge.runtime import Session
+from neuralmerge.zoo.datasets import digits32, sound20
+
+TASKS = (("image", "digit_logits", digits32), ("spectrogram", "sound_logits", sound20))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("demo_dir", type=Path, help="folder written by `neuralmerge demo`")
+    parser.add_argument("--seed", type=int, default=0, help="the seed the demo used")
+    args = parser.parse_args()
+    model = str(args.demo_dir / "merged.onnx")
+    sessions = {lut: Session(model, lut=lut, threads=1) for lut in ("fp32", "fp16", "int8")}
+    print("| task | test samples | fp32 accuracy | fp16 agreement | int8 agreement | int8 accuracy |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for input_name, output_name, make in TASKS:
+        ds = make(seed=args.seed)
+        predictions = {}
+        for lut, session in sessions.items():
+            logits = [session.run({input_name: ds.x_test[i:i + 1]}, outputs=[output_name])[output_name]
+                      for i in range(len(ds.x_test))]
+            predictions[lut] = np.concatenate(logits).argmax(1)
+        agree = {lut: 100 * float((predictions[lut] == predictions["fp32"]).mean()) for lut in ("fp16", "int8")}
+        accuracy = {lut: 100 * float((predictions[lut] == ds.y_test).mean()) for lut in ("fp32", "int8")}
+        print(f"| {ds.name} | {len(ds.y_test)} | {accuracy['fp32']:.2f}% | {agree['fp16']:.2f}% | "
+              f"{agree['int8']:.2f}% | {accuracy['int8']:.2f}% |")
+
+
+if __name__ == "__main__":
+    main()
