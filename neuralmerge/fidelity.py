@@ -6,15 +6,7 @@ import onnx
 import onnxruntime as ort
 
 from .graph.normalize import TensorSpec, input_specs
-
-
-def ort_session(model: onnx.ModelProto | bytes | str, threads: int = 1) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+from .io.onnx_files import ort_session
 
 
 def random_inputs(specs: list[TensorSpec], samples: int, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ import yaml
 
 from .errors import ConfigError
 
-MAX_CODEWORDS = 65536
+MAX_CODEWORDS = 65536  # codes are stored as uint16 at most
 CODEBOOK_DTYPES = ("float32", "float16")
 
 

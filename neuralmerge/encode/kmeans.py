@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from neuralmerge.encode.segments import EncodedGroup, split_segments
 from neuralmerge.errors import ConfigError
+from neuralmerge.settings import MAX_CODEWORDS
 from neuralmerge.graph.layers import Layer
 
-MAX_CODEWORDS = 65536  # codes are stored as uint16 at most
 
 
 def validate_settings(r: int, codewords: int) -> None:

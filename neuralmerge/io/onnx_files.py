@@ -30,6 +30,28 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def ort_session(model: "str | os.PathLike | bytes | onnx.ModelProto", threads: int = 1):
+    """A CPU onnxruntime session (``threads`` intra-op threads, 0 = onnxruntime's choice, one
+    inter-op thread, every graph optimisation); a file it cannot load is a ``ModelLoadError``."""
+    import onnxruntime as ort  # imported here: reading and writing ONNX files does not need it
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    elif not isinstance(model, bytes):
+        if not Path(model).is_file():
+            raise ModelLoadError(f"no such ONNX file: {model}")
+        model = str(model)
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+        where = model if isinstance(model, str) else "the model"
+        raise ModelLoadError(f"cannot load ONNX file {where} in onnxruntime: {_first_line(exc)}") from None
+
+
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False) -> int:
     """Write ``model`` to ``path`` through a temporary file in the same folder; returns the byte size."""
     data = model.SerializeToString()

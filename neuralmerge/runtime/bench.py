@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neuralmerge.errors import ModelLoadError
+from neuralmerge.io.onnx_files import ort_session
 from neuralmerge.runtime.session import PRECISIONS, Session, set_blas_threads
 
 __all__ = ["benchmark", "median_ms", "random_feeds", "quantize_int8", "session_peak_rss"]
@@ -35,20 +35,6 @@ def median_ms(fn: Callable[[], object], repeat: int, warmup: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def _ort_session(path: str | os.PathLike, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises untyped errors for bad files
-        raise ModelLoadError(f"onnxruntime cannot load {path}: {str(exc).strip().splitlines()[0]}") from None
-
-
 def random_feeds(session, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Batch-1 float32 feeds for an onnxruntime session (free dimensions set to 1)."""
     return {i.name: rng.standard_normal([d if isinstance(d, int) and d > 0 else 1 for d in i.shape]).astype(np.float32)
@@ -59,7 +45,7 @@ def quantize_int8(source: str | os.PathLike, destination: str | os.PathLike, sam
     """Static int8 quantisation (QDQ, per-channel) calibrated on random batch-1 inputs."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    reference = _ort_session(source, 1)
+    reference = ort_session(source, 1)
     rng = np.random.default_rng(seed)
     batches = [random_feeds(reference, rng) for _ in range(samples)]
 
@@ -116,7 +102,7 @@ def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, 
                     "runtime_ms": {}, "ratios": {}}
 
     if baselines:
-        fp32 = [_ort_session(b, threads) for b in baselines]
+        fp32 = [ort_session(b, threads) for b in baselines]
         fp32_feeds = [random_feeds(s, rng) for s in fp32]
         result["ort_fp32_ms"] = median_ms(lambda: [s.run(None, f) for s, f in zip(fp32, fp32_feeds)], repeat, warmup)
         if int8_baseline:
@@ -125,7 +111,7 @@ def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, 
                 for source, target in zip(baselines, int8_paths):
                     quantize_int8(source, target, seed=seed)
                 result["ort_int8_bytes"] = [p.stat().st_size for p in int8_paths]
-                int8 = [_ort_session(p, threads) for p in int8_paths]
+                int8 = [ort_session(p, threads) for p in int8_paths]
             result["ort_int8_ms"] = median_ms(lambda: [s.run(None, f) for s, f in zip(int8, fp32_feeds)], repeat, warmup)
 
     packed = pack_model(merged)

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from neuralmerge.errors import ConfigError, ModelLoadError
+from neuralmerge.errors import ConfigError
+from neuralmerge.io.onnx_files import ort_session
 
 # A model, or any function mapping a float32 NCHW numpy batch to logits (numpy or torch).
 Classifier = nn.Module | Callable[[np.ndarray], np.ndarray | torch.Tensor]
@@ -123,15 +124,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[in
 
 def onnx_session(path: str | os.PathLike, threads: int = 0) -> ort.InferenceSession:
     """An onnxruntime CPU session for ``path`` (``threads`` = 0 lets onnxruntime choose)."""
-    if not Path(path).is_file():
-        raise ModelLoadError(f"no such ONNX file: {path}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime raises its own untyped errors for bad files
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"cannot load ONNX file {path}: {first_line}") from error
+    return ort_session(path, threads)
 
 
 def onnx_accuracy(path: str | os.PathLike, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
