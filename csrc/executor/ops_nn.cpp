@@ -403,17 +403,70 @@ class PoolOp : public Op {
 
     void run(const Infos& in, const Infos& out, RunContext& ctx) const override {
         const Dims &xs = in[0]->shape, &ys = out[0]->shape;
-        const int64_t h = xs[2], w = xs[3];
+        const int64_t h = xs[2], w = xs[3], out_w = ys[3];
+        // Windows that lie wholly inside the input need no bounds checks and, for averages,
+        // divide by the full window; edge windows take the general path. The LeNet pair spent
+        // a fifth of its int8 run time in pooling before this split.
+        const int64_t reach_w = dilations_[1] * (kernel_[1] - 1);
+        const int64_t inner_lo = std::min(out_w, (pads_[1] + strides_[1] - 1) / strides_[1]);
+        const int64_t inner_hi =
+            std::max(inner_lo, std::min(out_w, w - 1 - reach_w + pads_[1] >= 0
+                                                   ? (w - 1 - reach_w + pads_[1]) / strides_[1] + 1 : 0));
+        const bool halving = kernel_ == std::array<int64_t, 2>{2, 2} && strides_ == std::array<int64_t, 2>{2, 2} &&
+                             dilations_ == std::array<int64_t, 2>{1, 1};
         for (int64_t plane = 0; plane < xs[0] * xs[1]; ++plane) {
             const float* x = ctx.in[0] + plane * h * w;
-            float* y = ctx.out[0] + plane * ys[2] * ys[3];
+            float* y = ctx.out[0] + plane * ys[2] * out_w;
             for (int64_t oh = 0; oh < ys[2]; ++oh) {
-                for (int64_t ow = 0; ow < ys[3]; ++ow) y[oh * ys[3] + ow] = window(x, h, w, oh, ow);
+                float* y_row = y + oh * out_w;
+                const int64_t h0 = oh * strides_[0] - pads_[0];
+                const bool rows_inside = h0 >= 0 && h0 + dilations_[0] * (kernel_[0] - 1) < h;
+                int64_t ow = 0;
+                if (rows_inside) {
+                    for (; ow < inner_lo; ++ow) y_row[ow] = window(x, h, w, oh, ow);
+                    const float* origin = x + h0 * w - pads_[1];
+                    if (halving) {
+                        inside_halving(origin, w, inner_lo, inner_hi, y_row);
+                    } else {
+                        for (; ow < inner_hi; ++ow) y_row[ow] = inside(origin + ow * strides_[1], w);
+                    }
+                    ow = inner_hi;
+                }
+                for (; ow < out_w; ++ow) y_row[ow] = window(x, h, w, oh, ow);
             }
         }
     }
 
    private:
+    // A window wholly inside the input, starting at `first`.
+    float inside(const float* first, int64_t w) const {
+        float acc = max_ ? -INFINITY : 0.0f;
+        for (int64_t i = 0; i < kernel_[0]; ++i) {
+            const float* row = first + i * dilations_[0] * w;
+            for (int64_t j = 0; j < kernel_[1]; ++j) {
+                const float value = row[j * dilations_[1]];
+                acc = max_ ? std::max(acc, value) : acc + value;
+            }
+        }
+        return max_ ? acc : acc / static_cast<float>(kernel_[0] * kernel_[1]);
+    }
+
+    // 2x2 windows at stride 2 (the common case) over output columns [lo, hi), in a loop the
+    // compiler vectorises.
+    void inside_halving(const float* origin, int64_t w, int64_t lo, int64_t hi, float* y_row) const {
+        const float* top = origin;
+        const float* bottom = origin + w;
+        if (max_) {
+            for (int64_t ow = lo; ow < hi; ++ow) {
+                y_row[ow] = std::max(std::max(top[2 * ow], top[2 * ow + 1]), std::max(bottom[2 * ow], bottom[2 * ow + 1]));
+            }
+        } else {
+            for (int64_t ow = lo; ow < hi; ++ow) {
+                y_row[ow] = 0.25f * ((top[2 * ow] + top[2 * ow + 1]) + (bottom[2 * ow] + bottom[2 * ow + 1]));
+            }
+        }
+    }
+
     int64_t extent(int64_t size, int axis) const {
         const int64_t padded = size + pads_[axis] + pads_[axis + 2];
         const int64_t reach = dilations_[axis] * (kernel_[axis] - 1) + 1;
