@@ -70,6 +70,11 @@ const char* precision_name(LutPrecision precision) {
     return "?";
 }
 
+// int8 table entries -> the offset-binary bytes the sums read (lut_internal.h, kInt8Bias).
+void to_offset_binary(uint8_t* bytes, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) bytes[i] = static_cast<uint8_t>(bytes[i] ^ 0x80u);
+}
+
 // Float copy of the codebook: `codebook` itself, or `codebook_fp16` widened.
 std::vector<float> widened_codebook(const EncodedWeight& w) {
     if (w.codebook || !w.codebook_fp16) return {};
@@ -191,7 +196,7 @@ bool build_table(const KernelTable& k, LutPrecision precision, const float* code
         case LutPrecision::kInt8:
             if (!k.conv_table_i8) return false;
             k.conv_table_i8(codebook, rows, r, used, x, x_stride, ld, inv_scale,
-                            reinterpret_cast<int8_t*>(table) + first);
+                            reinterpret_cast<uint8_t*>(table) + first);
             return true;
     }
     return false;
@@ -565,7 +570,7 @@ void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const Q
                         quantised->offset ? codeword_sum.data() + base[v] : no_correction.data();
                     k.conv_table_u8s8(codebook_i8.data() + base[v] * r4, rows[v], r4, x4, 4 * plane, p.ld,
                                       correction, quantised->scale * codebook_i8_scale[v] / scale,
-                                      reinterpret_cast<int8_t*>(table) + first);
+                                      reinterpret_cast<uint8_t*>(table) + first);
                     continue;
                 }
                 if (build_table(k, precision, segment, rows[v], r, used, src, x_stride, p.ld, 1.0f / scale, table,
@@ -587,6 +592,7 @@ void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const Q
                         break;
                     case LutPrecision::kInt8:
                         k.quantize_i8(scratch, count, 1.0f / scale, reinterpret_cast<int8_t*>(table) + first);
+                        to_offset_binary(reinterpret_cast<uint8_t*>(table) + first, count);
                         break;
                 }
             }
@@ -615,7 +621,7 @@ void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const Q
                                      bias.data() + t0, scale, add, out_rows, p.strip_pixels);
                     break;
                 case LutPrecision::kInt8:
-                    k.accumulate_i8(reinterpret_cast<const int8_t*>(table), offs, terms, count, per_group, pixels,
+                    k.accumulate_i8(reinterpret_cast<const uint8_t*>(table), offs, terms, count, per_group, pixels,
                                     bias.data() + t0, scale, add, out_rows, p.strip_pixels);
                     break;
             }

@@ -1,9 +1,11 @@
 // EGemmLayer: the fast E-FC (DESIGN §5). At batch 1 an FC layer is memory-bound, so the layer
 // keeps only uint8/uint16 codes (in [block of 64 outputs][segment][64] order, streamed once) and
 // a transposed codebook ([segment][k][c]); per input row it builds the table T[v][c] and sums
-// T[v][code] over segments. fp16/int16/int8 store the codebook as fp16 (half the bytes); int8
-// also narrows the table to int8 so that, with AVX-512 VBMI and at most 128 codewords per
-// segment, a segment's table sits in two registers and codes are looked up with vpermi2b.
+// T[v][code] over segments. fp16/int16 store the codebook as fp16 (half the bytes), int8 as int8
+// with one step per segment (a quarter: the table build streams the whole codebook from L3 on
+// every call, and that stream was the layer's cost); int8 also narrows the table to int8 so
+// that, with AVX-512 VBMI and at most 128 codewords per segment, a segment's table sits in two
+// registers and codes are looked up with vpermi2b.
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -31,7 +33,9 @@ struct EGemmLayer::Impl {
     std::vector<int32_t> rows, base;     // per segment: table rows and first row
     std::vector<int32_t> permute_base;   // per segment: v * 128 (the int8 permute table layout)
     std::vector<float> codebook_f32;     // transposed segments, fp32 precision
-    std::vector<uint16_t> codebook_f16;  // transposed segments, other precisions
+    std::vector<uint16_t> codebook_f16;  // transposed segments, fp16 and int16
+    std::vector<int8_t> codebook_i8;     // transposed segments, int8: value = codebook_step[v] * entry
+    std::vector<float> codebook_step;
     std::vector<uint8_t> codes8;         // [blocks][rho][64]
     std::vector<uint16_t> codes16;
     std::vector<float> bias;
@@ -66,21 +70,33 @@ EGemmLayer::EGemmLayer(const EncodedWeight& weight, const LutOptions& opt) : imp
         m.permute_base.push_back(static_cast<int32_t>(v * kPermuteRows));
         m.total_rows += rows[v];
     }
-    const bool wide = m.precision != LutPrecision::kFp32;
-    if (wide) {
-        m.codebook_f16.resize(m.total_rows * m.r);
-    } else {
-        m.codebook_f32.resize(m.total_rows * m.r);
+    switch (m.precision) {
+        case LutPrecision::kFp32: m.codebook_f32.resize(m.total_rows * m.r); break;
+        case LutPrecision::kFp16:
+        case LutPrecision::kInt16: m.codebook_f16.resize(m.total_rows * m.r); break;
+        case LutPrecision::kInt8:
+            m.codebook_i8.resize(m.total_rows * m.r);
+            m.codebook_step.assign(m.rho, 1.0f);
+            break;
     }
     for (int64_t v = 0; v < m.rho; ++v) {
+        const float* segment = w.codebook + w.offsets[v] * m.r;
+        if (m.precision == LutPrecision::kInt8) {
+            float largest = 0.0f;
+            for (int64_t i = 0; i < rows[v] * m.r; ++i) largest = std::max(largest, std::fabs(segment[i]));
+            m.codebook_step[v] = largest > 0.0f ? largest / 127.0f : 1.0f;
+        }
         for (int64_t c = 0; c < rows[v]; ++c) {
             for (int64_t k = 0; k < m.r; ++k) {
-                const float value = w.codebook[(w.offsets[v] + c) * m.r + k];
+                const float value = segment[c * m.r + k];
                 const int64_t at = m.base[v] * m.r + k * rows[v] + c;
-                if (wide) {
-                    m.codebook_f16[at] = detail::float_to_half(value);
-                } else {
-                    m.codebook_f32[at] = value;
+                switch (m.precision) {
+                    case LutPrecision::kFp32: m.codebook_f32[at] = value; break;
+                    case LutPrecision::kFp16:
+                    case LutPrecision::kInt16: m.codebook_f16[at] = detail::float_to_half(value); break;
+                    case LutPrecision::kInt8:
+                        m.codebook_i8[at] = static_cast<int8_t>(std::nearbyint(value / m.codebook_step[v]));
+                        break;
                 }
             }
         }
@@ -130,22 +146,42 @@ void EGemmLayer::run(const float* x, int64_t rows, float* y) const {
     const int64_t padded_out = m.blocks * kFcBlock;
     const uint8_t* codes8 = m.codes8.empty() ? nullptr : m.codes8.data();
     const uint16_t* codes16 = m.codes16.empty() ? nullptr : m.codes16.data();
-    std::vector<float> table(static_cast<size_t>(m.total_rows)), sums(static_cast<size_t>(padded_out));
-    std::vector<int8_t> table_i8;
-    std::vector<int32_t> sums_i32;
+    // Scratch reused across calls: fresh vectors were zero-filled (and, past malloc's mmap
+    // threshold, page-faulted) on every call.
+    thread_local std::vector<float> table, sums, x_scaled;
+    thread_local std::vector<int8_t> table_i8;
+    thread_local std::vector<int32_t> sums_i32;
+    table.resize(std::max(table.size(), static_cast<size_t>(m.total_rows)));
+    sums.resize(std::max(sums.size(), static_cast<size_t>(padded_out)));
     if (m.precision == LutPrecision::kInt8) {
         // 4 spare bytes: the gather kernels read a 32-bit word at every table index.
-        table_i8.assign(static_cast<size_t>((m.permute ? m.rho * kPermuteRows : m.total_rows) + 4), 0);
-        sums_i32.resize(static_cast<size_t>(padded_out));
+        const auto table_bytes = static_cast<size_t>((m.permute ? m.rho * kPermuteRows : m.total_rows) + 4);
+        // Entries past a segment's rows are never selected (codes < rows); resize zero-fills
+        // them, so every byte the kernels read is defined.
+        table_i8.resize(std::max(table_i8.size(), table_bytes));
+        sums_i32.resize(std::max(sums_i32.size(), static_cast<size_t>(padded_out)));
+        x_scaled.resize(std::max(x_scaled.size(), static_cast<size_t>(m.in_features)));
     }
     for (int64_t row = 0; row < rows; ++row) {
         const float* x_row = x + row * m.in_features;
-        if (m.precision == LutPrecision::kFp32) {
-            k.fc_table_f32(m.codebook_f32.data(), m.base.data(), m.rows.data(), m.rho, m.r, m.in_features, x_row,
-                           table.data());
-        } else {
-            k.fc_table_f16(m.codebook_f16.data(), m.base.data(), m.rows.data(), m.rho, m.r, m.in_features, x_row,
-                           table.data());
+        switch (m.precision) {
+            case LutPrecision::kFp32:
+                k.fc_table_f32(m.codebook_f32.data(), m.base.data(), m.rows.data(), m.rho, m.r, m.in_features, x_row,
+                               table.data());
+                break;
+            case LutPrecision::kFp16:
+            case LutPrecision::kInt16:
+                k.fc_table_f16(m.codebook_f16.data(), m.base.data(), m.rows.data(), m.rho, m.r, m.in_features, x_row,
+                               table.data());
+                break;
+            case LutPrecision::kInt8:
+                // The segment's step folds into the input: sum_k x_k * (step * entry).
+                for (int64_t v = 0, i = 0; v < m.rho; ++v) {
+                    for (; i < std::min(m.in_features, (v + 1) * m.r); ++i) x_scaled[i] = x_row[i] * m.codebook_step[v];
+                }
+                k.fc_table_i8(m.codebook_i8.data(), m.base.data(), m.rows.data(), m.rho, m.r, m.in_features,
+                              x_scaled.data(), table.data());
+                break;
         }
         float scale = 1.0f;
         if (m.precision == LutPrecision::kInt8) {

@@ -31,9 +31,10 @@ struct F32 {
     using Elem = float;
     using Acc = __m256;
     static constexpr int64_t kLanes = 8;
+    static constexpr bool kPrefetch = false;
     static Acc zero() { return _mm256_setzero_ps(); }
     static Acc add(Acc a, const Elem* p) { return _mm256_add_ps(a, _mm256_loadu_ps(p)); }
-    static void store(Acc a, const float* base, float bias, float scale, float* out) {
+    static void store(Acc a, const float* base, float bias, float scale, float* out, int64_t) {
         store_f32(a, base, bias, scale, out);
     }
 };
@@ -42,9 +43,10 @@ struct F16 {
     using Elem = uint16_t;
     using Acc = __m256;
     static constexpr int64_t kLanes = 8;
+    static constexpr bool kPrefetch = false;
     static Acc zero() { return _mm256_setzero_ps(); }
     static Acc add(Acc a, const Elem* p) { return _mm256_add_ps(a, _mm256_cvtph_ps(load128(p))); }
-    static void store(Acc a, const float* base, float bias, float scale, float* out) {
+    static void store(Acc a, const float* base, float bias, float scale, float* out, int64_t) {
         store_f32(a, base, bias, scale, out);
     }
 };
@@ -53,24 +55,27 @@ struct I16 {
     using Elem = int16_t;
     using Acc = __m256i;  // 8 int32 sums
     static constexpr int64_t kLanes = 8;
+    static constexpr bool kPrefetch = false;
     static Acc zero() { return _mm256_setzero_si256(); }
     static Acc add(Acc a, const Elem* p) { return _mm256_add_epi32(a, _mm256_cvtepi16_epi32(load128(p))); }
-    static void store(Acc a, const float* base, float bias, float scale, float* out) {
+    static void store(Acc a, const float* base, float bias, float scale, float* out, int64_t) {
         store_f32(_mm256_cvtepi32_ps(a), base, bias, scale, out);
     }
 };
 
 struct I8 {
-    using Elem = int8_t;
-    using Acc = __m256i;  // 16 int16 sums (safe for kInt8ChunkTerms terms)
+    using Elem = uint8_t;  // offset-binary (kInt8Bias)
+    using Acc = __m256i;   // 16 uint16 sums of biased bytes (< 65536 for kInt8ChunkTerms terms)
     static constexpr int64_t kLanes = 16;
+    static constexpr bool kPrefetch = false;
     static Acc zero() { return _mm256_setzero_si256(); }
-    static Acc add(Acc a, const Elem* p) { return _mm256_add_epi16(a, _mm256_cvtepi8_epi16(load128(p))); }
-    static void store(Acc a, const float* base, float bias, float scale, float* out) {
-        const __m256 low = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a)));
-        const __m256 high = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(a, 1)));
-        store_f32(low, base, bias, scale, out);
-        store_f32(high, base ? base + 8 : nullptr, bias, scale, out + 8);
+    static Acc add(Acc a, const Elem* p) { return _mm256_add_epi16(a, _mm256_cvtepu8_epi16(load128(p))); }
+    static void store(Acc a, const float* base, float bias, float scale, float* out, int64_t terms) {
+        const __m256i offset = _mm256_set1_epi32(static_cast<int32_t>(terms * kInt8Bias));
+        const __m256i low = _mm256_sub_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(a)), offset);
+        const __m256i high = _mm256_sub_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(a, 1)), offset);
+        store_f32(_mm256_cvtepi32_ps(low), base, bias, scale, out);
+        store_f32(_mm256_cvtepi32_ps(high), base ? base + 8 : nullptr, bias, scale, out + 8);
     }
 };
 
@@ -127,7 +132,11 @@ float max_abs(const float* src, int64_t n) {
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(load128(p)); }
+inline __m256 load8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(static_cast<const void*>(p)))));
+}
 inline float load1(const float* p) { return *p; }
+inline float load1(const int8_t* p) { return *p; }
 inline float load1(const uint16_t* p) { return half_to_float(*p); }
 
 template <typename Elem>
@@ -205,6 +214,7 @@ const KernelTable kAvx2 = {
     quantize_i8,
     fc_table<float>,
     fc_table<uint16_t>,
+    fc_table<int8_t>,
     max_abs,
     fc_gather_f32,
     fc_gather_i8,

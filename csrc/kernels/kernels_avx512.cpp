@@ -36,9 +36,10 @@ struct F32 {
     using Elem = float;
     using Acc = __m512;
     static constexpr int64_t kLanes = 16;
+    static constexpr bool kPrefetch = true;
     static Acc zero() { return _mm512_setzero_ps(); }
     static Acc add(Acc a, const Elem* p) { return _mm512_add_ps(a, _mm512_loadu_ps(p)); }
-    static void store(Acc a, const float* base, float bias, float scale, float* out) {
+    static void store(Acc a, const float* base, float bias, float scale, float* out, int64_t) {
         store_f32(a, base, bias, scale, out);
     }
 };
@@ -47,11 +48,12 @@ struct F16 {
     using Elem = uint16_t;
     using Acc = __m512;
     static constexpr int64_t kLanes = 16;
+    static constexpr bool kPrefetch = true;
     static Acc zero() { return _mm512_setzero_ps(); }
     static Acc add(Acc a, const Elem* p) {
         return _mm512_add_ps(a, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
     }
-    static void store(Acc a, const float* base, float bias, float scale, float* out) {
+    static void store(Acc a, const float* base, float bias, float scale, float* out, int64_t) {
         store_f32(a, base, bias, scale, out);
     }
 };
@@ -60,28 +62,53 @@ struct I16 {
     using Elem = int16_t;
     using Acc = __m512i;  // 16 int32 sums
     static constexpr int64_t kLanes = 16;
+    static constexpr bool kPrefetch = true;
     static Acc zero() { return _mm512_setzero_si512(); }
     static Acc add(Acc a, const Elem* p) {
         return _mm512_add_epi32(a, _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
     }
-    static void store(Acc a, const float* base, float bias, float scale, float* out) {
+    static void store(Acc a, const float* base, float bias, float scale, float* out, int64_t) {
         store_f32(_mm512_cvtepi32_ps(a), base, bias, scale, out);
     }
 };
 
+// 64 offset-binary bytes per term, loaded as 32 words w = low + 256 * high. Two 16-bit sums per
+// word, `words` += w (wrapping) and `high` += w >> 8, give both bytes' sums exactly (low =
+// words - 256 * high, mod 2^16; each < 65536 for kInt8ChunkTerms terms): one load, one shift
+// and two adds per 64 pixels, where sign-extending both halves took two loads, two vpmovsxbw
+// (port 5 only) and two adds. Word j holds pixels 2j and 2j + 1 of the block whatever the
+// run's alignment, so store() re-interleaves them.
 struct I8 {
-    using Elem = int8_t;
-    using Acc = __m512i;  // 32 int16 sums (safe for kInt8ChunkTerms terms)
-    static constexpr int64_t kLanes = 32;
-    static Acc zero() { return _mm512_setzero_si512(); }
+    using Elem = uint8_t;
+    struct Acc {
+        __m512i words, high;
+    };
+    static constexpr int64_t kLanes = 64;
+    static constexpr bool kPrefetch = true;
+    static Acc zero() { return {_mm512_setzero_si512(), _mm512_setzero_si512()}; }
     static Acc add(Acc a, const Elem* p) {
-        return _mm512_add_epi16(a, _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+        const __m512i w = _mm512_loadu_si512(p);
+        return {_mm512_add_epi16(a.words, w), _mm512_add_epi16(a.high, _mm512_srli_epi16(w, 8))};
     }
-    static void store(Acc a, const float* base, float bias, float scale, float* out) {
-        const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(a)));
-        const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(a, 1)));
-        store_f32(low, base, bias, scale, out);
-        store_f32(high, base ? base + 16 : nullptr, bias, scale, out + 16);
+    static void store(Acc a, const float* base, float bias, float scale, float* out, int64_t terms) {
+        const __m512i low = _mm512_sub_epi16(a.words, _mm512_slli_epi16(a.high, 8));
+        // Pixel 2j is low[j], pixel 2j + 1 is high[j]: indices into the pair (low, high).
+        alignas(64) static constexpr uint16_t kFirst[32] = {
+            0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+            8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+        const __m512i first = _mm512_load_si512(kFirst);
+        const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
+        const __m512i pixels[2] = {_mm512_permutex2var_epi16(low, first, a.high),
+                                   _mm512_permutex2var_epi16(low, second, a.high)};
+        const __m512i offset = _mm512_set1_epi32(static_cast<int32_t>(terms * kInt8Bias));
+        for (int h = 0; h < 2; ++h) {
+            for (int i = 0; i < 2; ++i) {
+                const __m256i half = i ? _mm512_extracti64x4_epi64(pixels[h], 1) : _mm512_castsi512_si256(pixels[h]);
+                const __m512i sum = _mm512_sub_epi32(_mm512_cvtepu16_epi32(half), offset);
+                const int64_t at = 32 * h + 16 * i;
+                store_f32(_mm512_cvtepi32_ps(sum), base ? base + at : nullptr, bias, scale, out + at);
+            }
+        }
     }
 };
 
@@ -133,20 +160,35 @@ inline __m512 load_codewords(const float* p, __mmask16 mask) { return _mm512_mas
 inline __m512 load_codewords(const uint16_t* p, __mmask16 mask) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
 }
+inline __m512 load_codewords(const int8_t* p, __mmask16 mask) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
 
+// Four blocks of 16 codewords per pass, so that four independent FMA chains hide each other's
+// latency (one block at a time ran at a quarter of this speed, waiting on its chain).
 template <typename Elem>
 void fc_table(const Elem* codebook_t, const int32_t* base, const int32_t* rows, int64_t rho, int64_t r, int64_t depth,
               const float* x, float* table) {
+    constexpr int kBlocks = 4;
     for (int64_t v = 0; v < rho; ++v) {
         const Elem* segment = codebook_t + static_cast<int64_t>(base[v]) * r;
         const int64_t count = rows[v], channels = std::min(r, depth - v * r);
-        for (int64_t c0 = 0; c0 < count; c0 += 16) {
-            const __mmask16 mask = count - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (count - c0)) - 1);
-            __m512 sum = _mm512_setzero_ps();
-            for (int64_t k = 0; k < channels; ++k) {
-                sum = _mm512_fmadd_ps(_mm512_set1_ps(x[v * r + k]), load_codewords(segment + k * count + c0, mask), sum);
+        for (int64_t c0 = 0; c0 < count; c0 += 16 * kBlocks) {
+            __mmask16 mask[kBlocks];
+            __m512 sum[kBlocks];
+            for (int i = 0; i < kBlocks; ++i) {
+                const int64_t left = std::clamp<int64_t>(count - c0 - 16 * i, 0, 16);
+                mask[i] = static_cast<__mmask16>((1u << left) - 1);
+                sum[i] = _mm512_setzero_ps();
             }
-            _mm512_mask_storeu_ps(table + base[v] + c0, mask, sum);
+            for (int64_t k = 0; k < channels; ++k) {
+                const __m512 xk = _mm512_set1_ps(x[v * r + k]);
+                const Elem* column = segment + k * count + c0;
+                for (int i = 0; i < kBlocks; ++i) {
+                    sum[i] = _mm512_fmadd_ps(xk, load_codewords(column + 16 * i, mask[i]), sum[i]);
+                }
+            }
+            for (int i = 0; i < kBlocks; ++i) _mm512_mask_storeu_ps(table + base[v] + c0 + 16 * i, mask[i], sum[i]);
         }
     }
 }
@@ -240,8 +282,10 @@ inline void store_entries(__m512 v, __m512 inv_scale, int16_t* out) {
     const __m256i narrow = _mm512_cvtsepi32_epi16(rounded_entries(v, inv_scale, 32767.0f));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), narrow);
 }
-inline void store_entries(__m512 v, __m512 inv_scale, int8_t* out) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(rounded_entries(v, inv_scale, 127.0f)));
+inline __m128i offset_binary(__m128i bytes) { return _mm_xor_si128(bytes, _mm_set1_epi8(static_cast<char>(0x80))); }
+inline void store_entries(__m512 v, __m512 inv_scale, uint8_t* out) {
+    const __m128i bytes = _mm512_cvtsepi32_epi8(rounded_entries(v, inv_scale, 127.0f));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), offset_binary(bytes));
 }
 
 // CW codewords x NV vectors of 16 pixels, all sums in registers.
@@ -297,10 +341,10 @@ void conv_table(const float* codebook, int64_t rows, int64_t r, int64_t channels
 // CW codewords x NV vectors of 16 pixels; vpdpbusd adds four uint8 x int8 products per lane.
 template <int CW, int NV>
 inline void conv_table_u8s8_tile(const int8_t* codebook, int64_t r4, const uint8_t* x, int64_t x_stride,
-                                 int64_t ld, const int32_t* correction, __m512 requant, int8_t* out) {
+                                 int64_t ld, const int32_t* correction, __m512 requant, uint8_t* out) {
     __m512i acc[CW][NV];
     for (int c = 0; c < CW; ++c) {
-        for (int i = 0; i < NV; ++i) acc[c][i] = _mm512_setzero_si512();
+        for (int i = 0; i < NV; ++i) acc[c][i] = _mm512_set1_epi32(-correction[c]);
     }
     for (int64_t k = 0; k < r4; k += 4) {
         __m512i pixels[NV];
@@ -312,19 +356,32 @@ inline void conv_table_u8s8_tile(const int8_t* codebook, int64_t r4, const uint8
             for (int i = 0; i < NV; ++i) acc[c][i] = _mm512_dpbusd_epi32(acc[c][i], pixels[i], weights);
         }
     }
+    const __m512i lowest = _mm512_set1_epi32(-127);
     for (int c = 0; c < CW; ++c) {
-        const __m512i offset = _mm512_set1_epi32(correction[c]);
-        for (int i = 0; i < NV; ++i) {
-            const __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[c][i], offset)), requant);
-            const __m512i rounded = _mm512_max_epi32(_mm512_cvtps_epi32(value), _mm512_set1_epi32(-127));
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c * ld + 16 * i), _mm512_cvtsepi32_epi8(rounded));
+        __m512i rounded[NV];
+        for (int i = 0; i < NV; ++i) rounded[i] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[c][i]), requant));
+        if constexpr (NV == 4) {
+            // r is 8-16, so this narrowing costs as much as the dot products: saturating packs
+            // narrow 64 entries in three instructions (plus one dword permute to undo their
+            // per-lane interleave) where vpmovsdb took two port-5 uops per 16.
+            const __m512i words01 = _mm512_packs_epi32(rounded[0], rounded[1]);
+            const __m512i words23 = _mm512_packs_epi32(rounded[2], rounded[3]);
+            const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+            const __m512i bytes = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(words01, words23));
+            const __m512i clamped = _mm512_max_epi8(bytes, _mm512_set1_epi8(-127));
+            _mm512_storeu_si512(out + c * ld, _mm512_xor_si512(clamped, _mm512_set1_epi8(static_cast<char>(0x80))));
+        } else {
+            for (int i = 0; i < NV; ++i) {
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c * ld + 16 * i),
+                                 offset_binary(_mm512_cvtsepi32_epi8(_mm512_max_epi32(rounded[i], lowest))));
+            }
         }
     }
 }
 
 template <int CW>
 inline void conv_table_u8s8_rows(const int8_t* codebook, int64_t r4, const uint8_t* x, int64_t x_stride, int64_t ld,
-                                 const int32_t* correction, __m512 requant, int8_t* out) {
+                                 const int32_t* correction, __m512 requant, uint8_t* out) {
     int64_t q = 0;
     for (; q + 64 <= ld; q += 64) {
         conv_table_u8s8_tile<CW, 4>(codebook, r4, x + 4 * q, x_stride, ld, correction, requant, out + q);
@@ -340,7 +397,7 @@ inline void conv_table_u8s8_rows(const int8_t* codebook, int64_t r4, const uint8
 // DESIGN §5: with 8-bit operands one vpdpbusd does the work of four fp32 FMAs, which cuts
 // the int8 table build (half of an int8 layer's time with the fp32 build) ~3x.
 void conv_table_u8s8(const int8_t* codebook, int64_t rows, int64_t r4, const uint8_t* x, int64_t x_stride, int64_t ld,
-                     const int32_t* correction, float requant, int8_t* out) {
+                     const int32_t* correction, float requant, uint8_t* out) {
     const __m512 scale = _mm512_set1_ps(requant);
     int64_t c = 0;
     for (; c + 4 <= rows; c += 4) {
@@ -398,6 +455,7 @@ const KernelTable kAvx512 = {
     quantize_i8,
     fc_table<float>,
     fc_table<uint16_t>,
+    fc_table<int8_t>,
     max_abs,
     fc_gather_f32,
     fc_gather_i8,
@@ -405,7 +463,7 @@ const KernelTable kAvx512 = {
     conv_table<float>,
     conv_table<uint16_t>,
     conv_table<int16_t>,
-    conv_table<int8_t>,
+    conv_table<uint8_t>,
     conv_table_u8s8,
     quantise_quad,
     min_max,

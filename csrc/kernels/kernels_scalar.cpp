@@ -14,6 +14,7 @@ inline float widen(float value) { return value; }
 inline float widen(uint16_t half) { return half_to_float(half); }
 inline int32_t widen(int16_t value) { return value; }
 inline int32_t widen(int8_t value) { return value; }
+inline int32_t widen(uint8_t offset_binary) { return int32_t{offset_binary} - kInt8Bias; }
 
 // Sums are kept per block of kPixelBlock pixels in a small local array (L1-resident).
 template <typename Elem, typename Acc>
@@ -91,12 +92,13 @@ const KernelTable kScalar = {
     accumulate<float, float>,
     accumulate<uint16_t, float>,
     accumulate<int16_t, int32_t>,
-    accumulate<int8_t, int32_t>,
+    accumulate<uint8_t, int32_t>,
     to_f16,
     quantize<int16_t>,
     quantize<int8_t>,
     fc_table<float>,
     fc_table<uint16_t>,
+    fc_table<int8_t>,
     max_abs,
     fc_gather<float, float>,
     fc_gather<int8_t, int32_t>,

@@ -23,14 +23,20 @@ std::vector<int64_t> validated_codes(const EncodedWeight& weight, std::vector<in
 constexpr int64_t kPixelBlock = 64;
 /// Output channels an E-FC kernel handles per block (codes are stored [block][segment][64]).
 constexpr int64_t kFcBlock = 64;
-/// Largest number of int8 table terms whose sum is safe in int16 (127 * 258 < 32768).
+/// Largest number of int8 table terms summed in one run: their offset-binary bytes (below) sum
+/// to at most 255 * 256 < 65536, exact in 16-bit lanes read as unsigned.
 constexpr int64_t kInt8ChunkTerms = 256;
+/// int8 E-Conv tables store every entry offset-binary, as the byte value + kInt8Bias (1..255
+/// for values -127..127). The AVX-512 sum then widens 64 bytes with one shift instead of two
+/// sign extensions (see kernels_avx512.cpp); every ISA reads and writes the same format.
+constexpr int32_t kInt8Bias = 128;
 /// Largest number of int16 table terms whose sum is safe in int32.
 constexpr int64_t kInt16ChunkTerms = 65536;
 
 /// out[ch][q] = (accumulate ? out[ch][q] : bias[ch]) + scale * sum_k table[offsets[ch][k] + q]
 /// for ch < channels, q < pixels (a multiple of kPixelBlock); row ch of offsets starts at
-/// offsets + ch * offset_stride; rows of out are out_stride floats apart.
+/// offsets + ch * offset_stride; rows of out are out_stride floats apart. Table entries are
+/// read as values: offset-binary bytes (uint8_t) count as byte - kInt8Bias.
 template <typename Elem>
 using AccumulateFn = void (*)(const Elem* table, const int32_t* offsets, int64_t offset_stride, int64_t terms,
                               int64_t channels,
@@ -52,32 +58,33 @@ using FcGatherI8Fn = void (*)(const int8_t* table, const int32_t* base, const ui
 /// E-Conv table rows of one segment, narrowed as they are stored:
 /// out[c*ld + q] = narrow(sum_{k < channels} codebook[c*r + k] * x[k*x_stride + q]) for c < rows,
 /// q < ld (a multiple of 16), where narrow is the identity (fp32), fp16 rounding, or
-/// saturate(round(value * inv_scale)) (int16/int8). Summation runs over k in order with fused
+/// saturate(round(value * inv_scale)) (int16; int8 then adds kInt8Bias). Summation runs over k in order with fused
 /// multiply-adds, as OpenBLAS's sgemm kernels do, so results match the sgemm path.
 template <typename Elem>
 using ConvTableFn = void (*)(const float* codebook, int64_t rows, int64_t r, int64_t channels, const float* x,
                              int64_t x_stride, int64_t ld, float inv_scale, Elem* out);
 
-/// int8 E-Conv table rows of one segment from quantised operands (VNNI):
-/// out[c*ld + q] = saturate(round((sum_k codebook[c*r4 + k] * x(k, q) - correction[c]) * requant))
+/// int8 E-Conv table rows of one segment from quantised operands (VNNI), offset-binary:
+/// out[c*ld + q] = kInt8Bias + saturate(round((sum_k codebook[c*r4 + k] * x(k, q) - correction[c]) * requant))
 /// for c < rows, q < ld (a multiple of 16), k < r4 (a multiple of 4), where
 /// x(k, q) = x[(k/4) * x_stride + 4*q + k%4] (uint8, four channels interleaved per pixel).
 using ConvTableU8S8Fn = void (*)(const int8_t* codebook, int64_t rows, int64_t r4, const uint8_t* x,
                                  int64_t x_stride, int64_t ld, const int32_t* correction, float requant,
-                                 int8_t* out);
+                                 uint8_t* out);
 
 struct KernelTable {
     const char* isa;  ///< "avx512", "avx2" or "scalar": the suffix of kernel names
     AccumulateFn<float> accumulate_f32;
     AccumulateFn<uint16_t> accumulate_f16;  ///< table holds IEEE half bits
     AccumulateFn<int16_t> accumulate_i16;
-    AccumulateFn<int8_t> accumulate_i8;
+    AccumulateFn<uint8_t> accumulate_i8;  ///< offset-binary table (kInt8Bias)
     void (*to_f16)(const float* src, int64_t n, uint16_t* dst);
     /// dst = saturate(round(src * inv_scale)) into [-limit, limit].
     void (*quantize_i16)(const float* src, int64_t n, float inv_scale, int16_t* dst);
     void (*quantize_i8)(const float* src, int64_t n, float inv_scale, int8_t* dst);
     FcTableFn<float> fc_table_f32;
     FcTableFn<uint16_t> fc_table_f16;  ///< codebook holds IEEE half bits
+    FcTableFn<int8_t> fc_table_i8;     ///< int8 codebook; x comes scaled by each segment's step
     float (*max_abs)(const float* src, int64_t n);
     FcGatherF32Fn fc_gather_f32;
     FcGatherI8Fn fc_gather_i8;
@@ -89,7 +96,7 @@ struct KernelTable {
     ConvTableFn<float> conv_table_f32;
     ConvTableFn<uint16_t> conv_table_f16;
     ConvTableFn<int16_t> conv_table_i16;
-    ConvTableFn<int8_t> conv_table_i8;
+    ConvTableFn<uint8_t> conv_table_i8;  ///< stores offset-binary bytes
     /// int8 E-Conv table built from uint8 activations and int8 codewords, or null (no VNNI).
     ConvTableU8S8Fn conv_table_u8s8;
     /// Its operand layout: dst[4*i + j] = clamp(round(src[j*plane + i] * inv_scale), low, high) + zero
