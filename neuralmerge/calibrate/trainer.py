@@ -5,25 +5,26 @@ Trainable: codebooks, E-layer biases and the dense heads; codes are fixed intege
 alternate between models. A held-out slice of each model's calibration data measures fidelity
 (top-1 agreement with the original, accuracy when labels exist) after every epoch; the best
 epoch is kept (epoch 0, the uncalibrated encoding, included) and training stops early when
-fidelity stops improving. Deterministic for a given seed, in one process or many (distributed.py).
+fidelity stops improving. Deterministic for a given seed, in one process or many: the step, the
+held-out sums and the epoch loop are the data-parallel ones of loop.py, shared with composition.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import onnx
 import torch
-from tqdm.auto import tqdm
-
 from ..errors import NeuralMergeError
 from ..graph.importer import OnnxModule
 from ..graph.layers import Layer
 from ..settings import CalibrationSettings
 from . import distributed
 from .checkpoint import Checkpoint
+from .loop import new_state, progress, run_epochs, sharded_totals, train_step
 from .data import CalibrationSet, split_holdout
 from .losses import calibration_loss, is_class_scores
 from .taps import ModelView, model_views, trainable_names
@@ -116,27 +117,21 @@ class Calibrator:
             state = self._restore(state)
         else:
             before = self.evaluate()
-            state = {"epoch": 0, "step": 0, "history": [], "before": before, "best_epoch": 0,
-                     "best_key": self._key(before), "best": self._snapshot(), "bad_epochs": 0}
+            state = {**new_state(best_key=self._key(before), best=self._snapshot()), "step": 0, "before": before}
             if checkpoint is not None:
                 checkpoint.save("training", self._with_weights(state))
         total_steps = self.settings.epochs * self._steps_per_epoch()
-        stopped_early = state["bad_epochs"] >= self.settings.patience
+
+        def measure() -> tuple[dict, tuple]:
+            fidelity = self.evaluate()
+            return {"fidelity": fidelity}, self._key(fidelity)
+
         try:
-            for epoch in range(state["epoch"] + 1, self.settings.epochs + 1):
-                if stopped_early:
-                    break
-                losses = self._train_epoch(epoch, state, total_steps)
-                fidelity = self.evaluate()
-                state["history"].append({"epoch": epoch, "loss": losses, "fidelity": fidelity})
-                state["epoch"] = epoch
-                if self._key(fidelity) > tuple(state["best_key"]):
-                    state.update(best_key=self._key(fidelity), best=self._snapshot(), best_epoch=epoch, bad_epochs=0)
-                else:
-                    state["bad_epochs"] += 1
-                stopped_early = state["bad_epochs"] >= self.settings.patience and epoch < self.settings.epochs
-                if checkpoint is not None:
-                    checkpoint.save("training", self._with_weights(state))
+            stopped_early = run_epochs(
+                state, self.settings.epochs, train_epoch=lambda epoch: {"loss": self._train_epoch(epoch, state,
+                                                                                                total_steps)},
+                evaluate=measure, snapshot=self._snapshot, patience=self.settings.patience,
+                on_epoch=None if checkpoint is None else lambda s: checkpoint.save("training", self._with_weights(s)))
         except KeyboardInterrupt:
             where = f"; resume with --resume (checkpoint: {checkpoint.path})" if checkpoint is not None else ""
             raise CalibrationInterrupted(f"interrupted after {state['epoch']} of {self.settings.epochs} "
@@ -169,76 +164,72 @@ class Calibrator:
         sums = torch.zeros(len(self.models), dtype=torch.float64)
         counts = torch.zeros(len(self.models), dtype=torch.float64)
         steps = self._schedule(epoch)
-        bar = tqdm(steps, desc=f"{self.desc} {epoch}/{self.settings.epochs}", unit="batch", leave=False,
-                   disable=self.quiet or not self.group.is_main)
+        bar = progress(steps, self.group, not self.quiet, desc=f"{self.desc} {epoch}/{self.settings.epochs}",
+                       unit="batch")
         for i, batch in bar:
-            m = self.models[i]
-            shard = self.group.shard(batch)
             decay = 0.5 * (1 + math.cos(math.pi * state["step"] / max(total_steps, 1)))
             for g in self.optimizer.param_groups:  # cosine decay to 0 over all epochs (stateless: resumable)
                 g["lr"] = g["base_lr"] * decay
-            self.optimizer.zero_grad(set_to_none=True)
-            if len(shard):
-                x, y = m.batch(shard)
-                t_taps, t_out = m.run_teacher(x)
-                s_taps, s_out = m.run_student(self.student, x)
-                per_sample = calibration_loss(s_taps, t_taps, s_out, t_out, y, gamma=self.settings.gamma,
-                                              temperature=self.settings.temperature)
-                (per_sample.sum() / len(batch)).backward()
-                sums[i] += float(per_sample.detach().sum())
-            counts[i] += len(shard)
-            self.group.reduce_gradients(self.params)
-            self.optimizer.step()
+            sums[i] += train_step(self.group, self.optimizer, self.params, batch,
+                                  partial(self._shard_loss, self.models[i]))[0] * len(batch)
+            counts[i] += len(self.group.shard(batch))
             state["step"] += 1
         self.group.sum_(sums)
         self.group.sum_(counts)
         return [float(s / max(c, 1.0)) for s, c in zip(sums, counts)]
+
+    def _shard_loss(self, m: _Model, shard: np.ndarray, batch: np.ndarray) -> torch.Tensor:
+        """This process's share of the batch's mean calibration loss (the student is not run on an empty share)."""
+        if not len(shard):
+            return torch.zeros(1)
+        x, y = m.batch(shard)
+        t_taps, t_out = m.run_teacher(x)
+        s_taps, s_out = m.run_student(self.student, x)
+        per_sample = calibration_loss(s_taps, t_taps, s_out, t_out, y, gamma=self.settings.gamma,
+                                      temperature=self.settings.temperature)
+        return (per_sample.sum() / len(batch)).reshape(1)
 
     # ------------------------------------------------------------------ measuring
 
     def evaluate(self) -> list[dict]:
         """Held-out fidelity per model: top-1 agreement with the original, accuracy (labels), mean loss."""
         results = []
-        with torch.no_grad():
-            for i, m in enumerate(self.models):
-                totals = torch.zeros(4, dtype=torch.float64)  # loss, agreement, correct, samples
-                shard = self.group.shard(m.holdout)
-                for k in range(0, len(shard), EVAL_BATCH):
-                    x, y = m.batch(shard[k:k + EVAL_BATCH])
-                    t_taps, t_out = m.run_teacher(x)
-                    s_taps, s_out = m.run_student(self.student, x)
-                    loss = calibration_loss(s_taps, t_taps, s_out, t_out, y, gamma=self.settings.gamma,
-                                            temperature=self.settings.temperature)
-                    totals[0] += float(loss.sum())
-                    if m.classifies:
-                        pred = s_out[0].argmax(1)
-                        totals[1] += float((pred == t_out[0].argmax(1)).sum())
-                        if y is not None:
-                            totals[2] += float((pred == y).sum())
-                    totals[3] += len(x)
-                self.group.sum_(totals)
-                n = max(float(totals[3]), 1.0)
-                results.append({"model": i, "samples": int(totals[3]), "loss": float(totals[0]) / n,
-                                "top1_agreement": float(totals[1]) / n if m.classifies else None,
-                                "accuracy": float(totals[2]) / n if m.classifies and m.data.y is not None else None})
+        for i, m in enumerate(self.models):
+            totals = sharded_totals(self.group, m.holdout, 4, EVAL_BATCH, lambda part: self._fidelity_sums(m, part))
+            n = max(float(totals[3]), 1.0)
+            results.append({"model": i, "samples": int(totals[3]), "loss": float(totals[0]) / n,
+                            "top1_agreement": float(totals[1]) / n if m.classifies else None,
+                            "accuracy": float(totals[2]) / n if m.classifies and m.data.y is not None else None})
         return results
+
+    def _fidelity_sums(self, m: _Model, rows: np.ndarray) -> torch.Tensor:
+        """Summed loss, agreeing top-1, correct top-1 and sample count on ``rows``."""
+        x, y = m.batch(rows)
+        t_taps, t_out = m.run_teacher(x)
+        s_taps, s_out = m.run_student(self.student, x)
+        loss = calibration_loss(s_taps, t_taps, s_out, t_out, y, gamma=self.settings.gamma,
+                                temperature=self.settings.temperature)
+        agree = correct = 0.0
+        if m.classifies:
+            pred = s_out[0].argmax(1)
+            agree = float((pred == t_out[0].argmax(1)).sum())
+            correct = float((pred == y).sum()) if y is not None else 0.0
+        return torch.tensor([float(loss.sum()), agree, correct, len(x)], dtype=torch.float64)
 
     def reference(self) -> list[dict]:
         """The originals' own held-out accuracy (when labelled): what an accuracy drop is measured from."""
         results = []
-        with torch.no_grad():
-            for i, m in enumerate(self.models):
-                totals = torch.zeros(2, dtype=torch.float64)
-                shard = self.group.shard(m.holdout)
-                if m.classifies and m.data.y is not None:
-                    for k in range(0, len(shard), EVAL_BATCH):
-                        x, y = m.batch(shard[k:k + EVAL_BATCH])
-                        totals += torch.tensor([float((m.run_teacher(x)[1][0].argmax(1) == y).sum()), len(x)],
-                                               dtype=torch.float64)
-                self.group.sum_(totals)
-                results.append({"model": i, "top1_agreement": 1.0 if m.classifies else None,
-                                "accuracy": float(totals[0] / totals[1]) if float(totals[1]) else None})
+        for i, m in enumerate(self.models):
+            rows = m.holdout if m.classifies and m.data.y is not None else m.holdout[:0]
+            totals = sharded_totals(self.group, rows, 2, EVAL_BATCH, lambda part: self._teacher_correct(m, part))
+            results.append({"model": i, "top1_agreement": 1.0 if m.classifies else None,
+                            "accuracy": float(totals[0] / totals[1]) if float(totals[1]) else None})
         return results
+
+    @staticmethod
+    def _teacher_correct(m: _Model, rows: np.ndarray) -> torch.Tensor:
+        x, y = m.batch(rows)
+        return torch.tensor([float((m.run_teacher(x)[1][0].argmax(1) == y).sum()), len(x)], dtype=torch.float64)
 
     @staticmethod
     def score(fidelity: list[dict]) -> float:

@@ -133,9 +133,14 @@ def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled
     adds AKA's transfer bridges to white-box ONNX teachers (:class:`transfer.FeatureTransfer`),
     weighted by ``transfer_weight``, between blocks of equal spatial size or, with
     ``transfer_pairs``, only the (teacher position, student block, teacher tensor) pairs listed.
+
+    Under ``torchrun`` rank 0 runs the teachers and makes the labels, which every process then gets;
+    the student (and the fine-tuning) trains data-parallel, and only rank 0 writes ``output`` while the
+    others wait for it.
     """
     import numpy as np
 
+    from neuralmerge.calibrate import distributed
     from neuralmerge.compose import labels as pseudo
     from neuralmerge.compose import student as students
     from neuralmerge.compose.teachers import as_teacher, teacher_logits
@@ -181,29 +186,34 @@ def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled
                                   explicit=transfer_pairs)
 
     x = np.ascontiguousarray(unlabeled, dtype=np.float32)
-    logits, cached = teacher_logits(teacher_list, x, batch_size=teacher_batch_size, cache_dir=cache_dir,
-                                    progress=progress)
-    for teacher, names, z in zip(teacher_list, classes, logits):
-        if z.shape[1] != len(names):
-            raise CompositionError(f"teacher {teacher.name} outputs {z.shape[1]} logits but its class list has "
-                                   f"{len(names)} names")
-    if is_multi_label:
-        from neuralmerge.compose.multilabel import make_task_targets
 
-        labels = make_task_targets(logits, classes, union, tau=tau, temperature=temperature, select=select)
-        owners = labels.owner
-    else:
-        labels = pseudo.make_pseudo_labels(logits, supports, len(union), method=method, strategy=strategy, tau=tau,
-                                           temperature=temperature, balance=balance, select=select)
+    def label() -> tuple[list[bool], Any, Any]:
+        """(cache hits, labels, feature owners): teachers run once, by one process (they may write the cache)."""
+        logits, cached = teacher_logits(teacher_list, x, batch_size=teacher_batch_size, cache_dir=cache_dir,
+                                        progress=progress)
+        for teacher, names, z in zip(teacher_list, classes, logits):
+            if z.shape[1] != len(names):
+                raise CompositionError(f"teacher {teacher.name} outputs {z.shape[1]} logits but its class list has "
+                                       f"{len(names)} names")
+        if is_multi_label:
+            from neuralmerge.compose.multilabel import make_task_targets
+
+            targets = make_task_targets(logits, classes, union, tau=tau, temperature=temperature, select=select)
+            return cached, targets, targets.owner
+        soft = pseudo.make_pseudo_labels(logits, supports, len(union), method=method, strategy=strategy, tau=tau,
+                                         temperature=temperature, balance=balance, select=select)
         # the features of each sample come from its least-entropy teacher among those knowing its class (AKA §3.3)
-        owners = pseudo.select_least_entropy(labels.outputs, labels.active, labels.soft)[1]
+        return cached, soft, pseudo.select_least_entropy(soft.outputs, soft.active, soft.soft)[1]
+
+    group = distributed.current()
+    cached, labels, owners = group.run_on_main(label)
     try:
         if bridges is not None:
             bridges.set_owners(owners)
         training = students.train_student(model.model, x[labels.keep], labels, epochs=epochs,
                                           batch_size=batch_size, lr=lr, hard=hard,
                                           backprop=method if backprop else None, val_fraction=val_fraction,
-                                          seed=seed, progress=progress, transfer=bridges)
+                                          seed=seed, progress=progress, transfer=bridges, group=group)
     finally:
         if bridges is not None:
             bridges.close()
@@ -224,11 +234,15 @@ def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled
         report["feature_transfer"] = bridges.describe()
     if labeled_x is not None:
         report["finetune"] = students.finetune(model.model, labeled_x, labeled_y, epochs=finetune_epochs,
-                                               lr=finetune_lr, seed=seed, progress=progress)
+                                               lr=finetune_lr, seed=seed, progress=progress, group=group)
     if output is not None:
         report["output"] = str(output)
-        report["output_bytes"] = students.export_student(model, output, union, input_shape, force=force,
-                                                         multi_label=is_multi_label)
+        try:
+            if group.is_main:
+                report["output_bytes"] = students.export_student(model, output, union, input_shape, force=force,
+                                                                 multi_label=is_multi_label)
+        finally:
+            group.barrier()
     return CompositionResult(model.model, union, report)
 
 

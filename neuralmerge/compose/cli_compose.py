@@ -143,6 +143,7 @@ def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled
 
     import torch
 
+    from neuralmerge.calibrate import distributed
     from neuralmerge.compose import compose
     from neuralmerge.compose.teachers import default_cache_dir, onnx_teacher
 
@@ -163,6 +164,8 @@ def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled
         output=output, force=force, cache_dir=None if no_cache else (cache_dir or default_cache_dir()),
         seed=seed, progress=not quiet,
     )
+    if not distributed.current().is_main:  # under torchrun rank 0 reports; the model is written already
+        return
     report = result.report
     report["unlabeled"] = str(unlabeled)
     for entry, path in zip(report["teachers"], class_files):

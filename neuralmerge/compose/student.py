@@ -1,8 +1,8 @@
 """The student: build it, train it on pseudo-labels, fine-tune it on labels, export it as ONNX.
 
-The training loop is small and self-contained on purpose (Adam, cosine decay, best checkpoint by
-held-out agreement with the pseudo-labels); the calibration trainer in ``neuralmerge.calibrate``
-may absorb it later.
+Training (Adam, cosine decay, best checkpoint by held-out agreement with the pseudo-labels) runs
+through the data-parallel loop it shares with calibration (``neuralmerge.calibrate.loop``): one
+process, or several under ``torchrun`` that each train a share of every batch.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
-from tqdm import tqdm
-
+from neuralmerge.calibrate import distributed
+from neuralmerge.calibrate.loop import new_state, progress as progress_bar, run_epochs, sharded_totals, train_step
 from neuralmerge.compose import CompositionError
 from neuralmerge.compose.labels import BACKPROP_METHODS, PseudoLabels, uhc_loss
 from neuralmerge.compose.multilabel import MULTI_LABEL_KEY, TaskTargets
@@ -28,6 +28,7 @@ from neuralmerge.compose.transfer import FeatureTransfer
 
 STUDENTS: tuple[str, ...] = ("lenet", "resnet", "mobilenet")
 CLASSES_KEY = "neuralmerge.classes"
+EVAL_BATCH = 512
 
 
 @dataclass
@@ -140,12 +141,6 @@ def _split_validation(n: int, fraction: float, rng: np.random.Generator) -> tupl
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> np.ndarray:
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(x[s:s + batch_size]) for s in range(0, len(x), batch_size)]).numpy()
-
-
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     order = torch.randperm(n, generator=generator)
     batches = [order[s:s + batch_size] for s in range(0, n, batch_size)]
@@ -154,19 +149,20 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.
     return batches
 
 
-def _agreement(scores: np.ndarray, labels: "PseudoLabels | TaskTargets", rows: np.ndarray) -> float:
-    """Top-1 agreement with the pseudo-labels, or for tasks the weighted share of yes/no decisions that agree."""
+def _agreement_sums(scores: torch.Tensor, labels: "PseudoLabels | TaskTargets", rows: np.ndarray) -> torch.Tensor:
+    """(agreeing, out of) on ``rows``: top-1 matches with the pseudo-labels, or for tasks weighted yes/no matches."""
     if isinstance(labels, TaskTargets):
-        weight = labels.weight[rows]
-        same = (scores > 0) == (labels.soft[rows] > 0.5)
-        return float((same * weight).sum() / max(weight.sum(), 1.0))
-    return float((scores.argmax(axis=1) == labels.soft[rows].argmax(axis=1)).mean())
+        weight = torch.from_numpy(labels.weight[rows]).double()
+        same = (scores > 0) == torch.from_numpy(labels.soft[rows] > 0.5)
+        return torch.stack([(same * weight).sum(), weight.sum()])
+    matches = scores.argmax(dim=1).numpy() == labels.soft[rows].argmax(axis=1)
+    return torch.tensor([float(matches.sum()), len(rows)], dtype=torch.float64)
 
 
 def train_student(model: nn.Module, x: np.ndarray, labels: "PseudoLabels | TaskTargets", *, epochs: int = 10,
                   batch_size: int = 64, lr: float = 1e-3, hard: bool = False, backprop: str | None = None,
                   val_fraction: float = 0.1, seed: int = 0, progress: bool = True,
-                  transfer: "FeatureTransfer | None" = None) -> dict[str, Any]:
+                  transfer: "FeatureTransfer | None" = None, group: distributed.Group | None = None) -> dict[str, Any]:
     """Train on the kept samples ``x`` (aligned with ``labels.soft``); keep the best held-out checkpoint.
 
     The loss is KL to the soft labels (cross-entropy up to a constant), cross-entropy to their
@@ -176,7 +172,8 @@ def train_student(model: nn.Module, x: np.ndarray, labels: "PseudoLabels | TaskT
     thresholded at ½ with ``hard``), weighted by ``labels.weight``. With ``transfer`` the student
     runs through the transfer bridges, whose loss is added and whose weights train too. A random
     ``val_fraction`` of the samples is held out; after each epoch the student's agreement with
-    the pseudo-labels there picks the checkpoint that is kept.
+    the pseudo-labels there picks the checkpoint that is kept. Under ``torchrun`` (``group``,
+    default: the current one) every process trains its share of each batch (calibrate/loop.py).
     """
     if epochs < 1:
         raise CompositionError(f"--epochs must be >= 1, got {epochs}")
@@ -189,6 +186,7 @@ def train_student(model: nn.Module, x: np.ndarray, labels: "PseudoLabels | TaskT
         raise CompositionError("--backprop trains through UHC losses of softmax teachers, not multi-label ones")
     if backprop is not None and labels.class_weights is not None:
         raise CompositionError("--balance weights estimated soft labels; it does not apply with --backprop")
+    group = group or distributed.current()
     rng = np.random.default_rng(seed)
     train_rows, val_rows = _split_validation(len(x), val_fraction, rng)
     inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
@@ -203,68 +201,107 @@ def train_student(model: nn.Module, x: np.ndarray, labels: "PseudoLabels | TaskT
         teacher_probs = torch.from_numpy(labels.outputs.probs.astype(np.float32))
         mask = torch.from_numpy(labels.active[:, :, None] & labels.outputs.support[None]).float()
 
+    def shard_loss(shard: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        """(loss, transfer loss) of this process's ``shard`` of the global ``batch`` (rows), over the whole batch."""
+        # every process runs the student, even on an empty shard: synchronized BatchNorm needs all of them
+        if transfer is not None:
+            out, transfer_loss = transfer(inputs[shard], shard)
+            transfer_loss = transfer_loss * (len(shard) / len(batch))  # a per-sample mean (+ a penalty), reweighted
+        else:
+            out, transfer_loss = model(inputs[shard]), torch.zeros(())
+        if multi_label:
+            target = (soft[shard] > 0.5).float() if hard else soft[shard]
+            loss = (nn.functional.binary_cross_entropy_with_logits(out, target, weight=weights[shard], reduction="sum")
+                    / weights[batch].sum().clamp_min(1.0))
+        elif backprop is not None:
+            loss = (uhc_loss(backprop, out, teacher_logits[shard], teacher_probs[shard], mask[shard]) * len(shard)
+                    / len(batch)) if len(shard) else out.sum()
+        elif hard:
+            target = soft[shard].argmax(dim=1)
+            loss = (nn.functional.cross_entropy(out, target, weight=weights, reduction="sum")
+                    / weights[soft[batch].argmax(dim=1)].sum())
+        else:
+            loss = -(weights * soft[shard] * torch.log_softmax(out, dim=1)).sum() / len(batch)
+        return torch.stack([loss + transfer_loss, transfer_loss])
+
     generator = torch.Generator().manual_seed(seed)
     steps = epochs * len(_batches(len(train_rows), batch_size, torch.Generator().manual_seed(seed)))
     parameters = list(model.parameters()) + (list(transfer.parameters()) if transfer is not None else [])
     optimizer = torch.optim.Adam(parameters, lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
-    history: list[dict[str, float]] = []
-    best_state, best_agreement, best_epoch = None, -1.0, epochs
     train_index = torch.from_numpy(train_rows)
-    for epoch in tqdm(range(1, epochs + 1), desc="student", unit="epoch", disable=not progress, leave=False):
+
+    def train_epoch(epoch: int) -> dict[str, float]:
         model.train()
-        total = transfer_total = 0.0
+        sums = torch.zeros(2, dtype=torch.float64)
         for batch in _batches(len(train_index), batch_size, generator):
             rows = train_index[batch]
-            if transfer is not None:
-                out, transfer_loss = transfer(inputs[rows], rows)
-            else:
-                out, transfer_loss = model(inputs[rows]), None
-            if multi_label:
-                target = (soft[rows] > 0.5).float() if hard else soft[rows]
-                loss = (nn.functional.binary_cross_entropy_with_logits(out, target, weight=weights[rows],
-                                                                       reduction="sum")
-                        / weights[rows].sum().clamp_min(1.0))
-            elif backprop is not None:
-                loss = uhc_loss(backprop, out, teacher_logits[rows], teacher_probs[rows], mask[rows])
-            elif hard:
-                loss = nn.functional.cross_entropy(out, soft[rows].argmax(dim=1), weight=weights)
-            else:
-                loss = -(weights * soft[rows] * torch.log_softmax(out, dim=1)).sum(dim=1).mean()
-            if transfer_loss is not None:
-                loss = loss + transfer_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(rows)
-            if transfer_loss is not None:
-                transfer_total += transfer_loss.item() * len(rows)
-        record = {"epoch": epoch, "loss": round(total / max(len(train_rows), 1), 6)}
+            sums += train_step(group, optimizer, parameters, rows, shard_loss, schedule) * len(rows)
+        sums = group.sum_(sums) / max(len(train_rows), 1)
+        record = {"loss": round(float(sums[0]), 6)}
         if transfer is not None:
-            record["transfer_loss"] = round(transfer_total / max(len(train_rows), 1), 6)
-        if len(val_rows):
-            agreement = _agreement(_predict(model, inputs[val_rows]), labels, val_rows)
-            record["val_agreement"] = round(agreement, 4)
-            if agreement > best_agreement:
-                best_state, best_agreement, best_epoch = copy.deepcopy(model.state_dict()), agreement, epoch
-        history.append(record)
-    if best_state is not None:
-        model.load_state_dict(best_state)
+            record["transfer_loss"] = round(float(sums[1]), 6)
+        return record
+
+    def evaluate() -> tuple[dict[str, float], tuple | None]:
+        if not len(val_rows):
+            return {}, None
+        model.eval()
+        agree, total = sharded_totals(group, val_rows, 2, EVAL_BATCH,
+                                      lambda part: _agreement_sums(model(inputs[part]), labels, part))
+        agreement = float(agree) / max(float(total), 1.0)
+        return {"val_agreement": round(agreement, 4)}, (agreement,)
+
+    state = new_state(best_epoch=epochs)
+    with distributed.synchronized_batch_norm(model, group):
+        run_epochs(state, epochs, train_epoch=train_epoch, evaluate=evaluate,
+                   snapshot=lambda: copy.deepcopy(model.state_dict()),
+                   epoch_bar=lambda epochs: progress_bar(epochs, group, progress, desc="student", unit="epoch"))
+    if state["best"] is not None:
+        model.load_state_dict(state["best"])
     model.eval()
-    return {"train_samples": int(len(train_rows)), "val_samples": int(len(val_rows)), "best_epoch": best_epoch,
-            "best_val_agreement": round(best_agreement, 4) if len(val_rows) else None, "history": history}
+    return {"train_samples": int(len(train_rows)), "val_samples": int(len(val_rows)),
+            "best_epoch": state["best_epoch"],
+            "best_val_agreement": round(state["best_key"][0], 4) if len(val_rows) else None,
+            "history": state["history"]}
 
 
 def finetune(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 5, batch_size: int = 64,
-             lr: float = 1e-4, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Semi-supervised step of Algorithm 1: cross-entropy on the few labeled samples (``y`` = union indices)."""
-    from neuralmerge.zoo.train import train_classifier
+             lr: float = 1e-4, seed: int = 0, progress: bool = True,
+             group: distributed.Group | None = None) -> dict[str, Any]:
+    """Semi-supervised step of Algorithm 1: cross-entropy on the few labeled samples (``y`` = union indices).
 
-    train_classifier(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, quiet=not progress)
-    accuracy = float((_predict(model, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).argmax(axis=1)
-                      == y).mean())
-    return {"samples": int(len(x)), "epochs": epochs, "lr": lr, "train_accuracy": round(accuracy, 4)}
+    Adam with a cosine decay to 0, seeded shuffles; data-parallel under ``torchrun`` like :func:`train_student`.
+    """
+    if epochs < 1:
+        raise CompositionError(f"--finetune-epochs must be >= 1, got {epochs}")
+    group = group or distributed.current()
+    inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    targets = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    generator = torch.Generator().manual_seed(seed)
+    steps = epochs * len(_batches(len(x), batch_size, torch.Generator().manual_seed(seed)))
+    parameters = list(model.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+
+    def shard_loss(rows: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(model(inputs[rows]), targets[rows], reduction="sum") / len(batch)
+        return loss.reshape(1)
+
+    def train_epoch(epoch: int) -> dict[str, float]:
+        model.train()
+        total = torch.zeros(1, dtype=torch.float64)
+        for batch in _batches(len(x), batch_size, generator):
+            total += train_step(group, optimizer, parameters, batch, shard_loss, schedule) * len(batch)
+        return {"loss": float(group.sum_(total)[0]) / len(x)}
+
+    with distributed.synchronized_batch_norm(model, group):
+        run_epochs(new_state(), epochs, train_epoch=train_epoch, evaluate=lambda: ({}, None), snapshot=lambda: None,
+                   epoch_bar=lambda epochs: progress_bar(epochs, group, progress, desc="fine-tune", unit="epoch"))
+    model.eval()
+    correct, total = sharded_totals(group, np.arange(len(x)), 2, EVAL_BATCH, lambda part: torch.tensor(
+        [float((model(inputs[part]).argmax(dim=1) == targets[part]).sum()), len(part)], dtype=torch.float64))
+    return {"samples": int(len(x)), "epochs": epochs, "lr": lr, "train_accuracy": round(float(correct / total), 4)}
 
 
 # ----------------------------------------------------------------------------------- export
