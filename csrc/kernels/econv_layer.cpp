@@ -15,6 +15,8 @@
 // activations and int8 codewords (vpdpbusd).
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -84,8 +86,21 @@ std::vector<float> widened_codebook(const EncodedWeight& w) {
     return out;
 }
 
+// Spin-wait hint to the CPU (lets the sibling hyper-thread run; saves power).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
 // Helper threads kept for the life of the process: starting and joining std::threads on every
-// call cost tens of microseconds, as much as a small layer's whole compute.
+// call cost tens of microseconds, as much as a small layer's whole compute. Idle helpers spin
+// for kSpin before they sleep, and the caller spins for their results: waking a sleeping thread
+// through a condition variable cost ~80 us per call on this (virtualised) machine, 10x the
+// compute of a small layer. Layers run back to back, so the next job usually arrives while the
+// helpers still spin.
 class WorkerPool {
  public:
     static WorkerPool& instance() {
@@ -106,46 +121,66 @@ class WorkerPool {
     void run(int64_t units, int64_t workers, const std::function<void(int64_t, int64_t)>& fn) {
         std::lock_guard<std::mutex> turn(run_mutex_);
         {
-            std::unique_lock<std::mutex> lock(mutex_);
+            std::lock_guard<std::mutex> lock(mutex_);
             while (static_cast<int64_t>(threads_.size()) < workers - 1) {
                 const int64_t id = static_cast<int64_t>(threads_.size()) + 1;
                 threads_.emplace_back([this, id] { serve(id); });
             }
-            job_ = &fn;
-            units_ = units;
-            workers_ = workers;
-            pending_ = workers - 1;
-            ++generation_;
+            // Published before the generation moves (release); read by helpers after they see it.
+            job_.store(&fn, std::memory_order_relaxed);
+            units_.store(units, std::memory_order_relaxed);
+            workers_.store(workers, std::memory_order_relaxed);
+            pending_.store(workers - 1, std::memory_order_relaxed);
+            generation_.fetch_add(1, std::memory_order_release);
         }
         wake_.notify_all();
         for (int64_t u = 0; u < units; u += workers) fn(0, u);
-        std::unique_lock<std::mutex> lock(mutex_);
-        done_.wait(lock, [this] { return pending_ == 0; });
+        for (int64_t spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+            if (spins < kCallerSpins) {
+                cpu_relax();
+            } else {
+                std::this_thread::yield();
+            }
+        }
     }
 
  private:
+    static constexpr int64_t kCallerSpins = int64_t{1} << 16;
+    static constexpr std::chrono::microseconds kSpin{200};
+
     void serve(int64_t id) {
         uint64_t seen = 0;
         for (;;) {
-            std::unique_lock<std::mutex> lock(mutex_);
-            wake_.wait(lock, [&] { return generation_ != seen; });
-            seen = generation_;
-            if (id >= workers_) continue;  // not needed this time
-            const auto* job = job_;
-            const int64_t units = units_, workers = workers_;
-            lock.unlock();
+            uint64_t now = generation_.load(std::memory_order_acquire);
+            const auto deadline = std::chrono::steady_clock::now() + kSpin;
+            for (int64_t spins = 0; now == seen; ++spins) {
+                if (spins % 256 == 0 && std::chrono::steady_clock::now() > deadline) break;
+                cpu_relax();
+                now = generation_.load(std::memory_order_acquire);
+            }
+            if (now == seen) {
+                std::unique_lock<std::mutex> lock(mutex_);
+                wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+                now = generation_.load(std::memory_order_acquire);
+            }
+            seen = now;
+            // A helper needed for this generation is counted in pending_, so the next run()
+            // cannot overwrite the job before it has finished with it.
+            const int64_t workers = workers_.load(std::memory_order_relaxed);
+            if (id >= workers) continue;  // not needed this time
+            const auto* job = job_.load(std::memory_order_relaxed);
+            const int64_t units = units_.load(std::memory_order_relaxed);
             for (int64_t u = id; u < units; u += workers) (*job)(id, u);
-            lock.lock();
-            if (--pending_ == 0) done_.notify_one();
+            pending_.fetch_sub(1, std::memory_order_release);
         }
     }
 
     std::mutex run_mutex_, mutex_;
-    std::condition_variable wake_, done_;
+    std::condition_variable wake_;
     std::vector<std::thread> threads_;
-    const std::function<void(int64_t, int64_t)>* job_ = nullptr;
-    int64_t units_ = 0, workers_ = 0, pending_ = 0;
-    uint64_t generation_ = 0;
+    std::atomic<const std::function<void(int64_t, int64_t)>*> job_{nullptr};
+    std::atomic<int64_t> units_{0}, workers_{0}, pending_{0};
+    std::atomic<uint64_t> generation_{0};
 #if defined(__unix__)
     const pid_t owner_ = getpid();
 #endif
@@ -389,9 +424,14 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in) const {
     int64_t strip_rows = std::max<int64_t>(
         {1, 4 * shift_h_max, kTableBudgetBytes / std::max<int64_t>(row_bytes, 1) - shift_h_max});
     const int64_t units_per_strip_set = p.in.n * g.group;
-    if (options.threads > units_per_strip_set) {
+    // Table terms summed over all output pixels: below this a layer takes ~10 us on one thread,
+    // and a second one adds its start-up and the strips' shared rows for nothing.
+    constexpr int64_t kMinParallelWork = int64_t{1} << 18;
+    const int64_t work = p.in.n * out_channels * terms * p.out.h * p.phase_w;
+    const int threads = work < kMinParallelWork ? 1 : options.threads;
+    if (threads > units_per_strip_set) {
         // Enough strips that every thread has work.
-        const int64_t strips_wanted = ceil_div(options.threads, units_per_strip_set);
+        const int64_t strips_wanted = ceil_div(threads, units_per_strip_set);
         strip_rows = std::min(strip_rows, ceil_div(p.out.h, strips_wanted));
     }
     p.strip_rows = std::min(strip_rows, p.out.h);
@@ -421,7 +461,7 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in) const {
     p.scratch_floats = narrows_scratch ? round_up(max_rows * p.ld, 16) : 0;
     p.out_floats = out_channels / g.group * p.strip_pixels;
     p.worker_floats = p.table_floats + p.scratch_floats + p.out_floats;
-    p.workers = static_cast<int>(std::min<int64_t>(options.threads, p.in.n * g.group * p.strips));
+    p.workers = static_cast<int>(std::min<int64_t>(threads, p.in.n * g.group * p.strips));
     return p;
 }
 
