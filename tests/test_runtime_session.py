@@ -23,8 +23,8 @@ def ort_outputs(model, feeds: dict) -> dict:
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
 
-def assert_parity(model: onnx.ModelProto, feeds: dict, lut: str = "fp32", rtol: float = 1e-4) -> dict:
-    got = Session(pack_model(model), lut=lut).run(feeds)
+def assert_parity(model: onnx.ModelProto, feeds: dict, lut: str = "fp32", rtol: float = 1e-4, threads: int = 1) -> dict:
+    got = Session(pack_model(model), lut=lut, threads=threads).run(feeds)
     want = ort_outputs(model, feeds)
     assert got.keys() == want.keys()
     for name in want:
@@ -56,12 +56,13 @@ def feeds_for(model: onnx.ModelProto, batch: int, seed: int = 0) -> dict:
             for i in model.graph.input}
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", ["lenet_pair", "vgg", "resnet", "mobilenet"])
-def test_fp32_matches_onnxruntime(merged, name):
+def test_fp32_matches_onnxruntime(merged, name, threads):
     model = merged[name]
     assert any(n.op_type == "EConv" for n in model.graph.node)
     for batch in (2, 1):  # a new batch size re-plans
-        assert_parity(model, feeds_for(model, batch))
+        assert_parity(model, feeds_for(model, batch), threads=threads)
 
 
 def test_lower_precisions_stay_close(merged):
@@ -189,6 +190,23 @@ def test_dense_op_subset_matches_onnxruntime():
     model = op_zoo_model()
     x = np.random.default_rng(5).standard_normal((3, 2, 9, 8)).astype(np.float32)
     assert_parity(model, {"x": x}, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_dense_ops_split_over_threads_match_onnxruntime(threads):
+    """Conv and Gemm large enough to be split over the worker pool (by output channel / column)."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
+             [("w", (33, 16, 3, 3)), ("wb", (33,)), ("g1", (33 * 16 * 16, 70)), ("g2", (61, 70)), ("g2b", (61,))]]
+    nodes = [helper.make_node("Conv", ["x", "w", "wb"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Flatten", ["c"], ["f"]),
+             helper.make_node("MatMul", ["f", "g1"], ["m"]),
+             helper.make_node("Gemm", ["m", "g2", "g2b"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 61])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((4, 16, 32, 32)).astype(np.float32)
+    assert_parity(model, {"x": x}, rtol=1e-4, threads=threads)
 
 
 def test_unsupported_op_is_refused_at_load():

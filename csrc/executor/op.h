@@ -32,6 +32,7 @@ struct RunContext {
     std::vector<const float*> in;
     std::vector<float*> out;
     float* workspace = nullptr;
+    int threads = 1;  ///< the session's threads, for ops that split their work (kernels/parallel.h)
 };
 
 using Infos = std::vector<const ValueInfo*>;  // nullptr for omitted optional inputs/outputs

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "../blas.h"
+#include "../kernels/parallel.h"
 #include "neuralmerge/lut_kernels.h"
 #include "op.h"
 
@@ -214,6 +215,9 @@ class EGemmOp : public Op {
 
 // ---- Dense convolution -------------------------------------------------------------------
 
+// Multiply-adds below which a dense Conv or Gemm runs on one thread (~20 us of work).
+constexpr int64_t kMinParallelMacs = int64_t{1} << 20;
+
 class ConvOp : public Op {
    public:
     ConvOp(const Node& node, const PackedModel& model) : Op(node) {
@@ -257,25 +261,31 @@ class ConvOp : public Op {
         const Dims &xs = in[0]->shape, &ys = out[0]->shape;
         const int64_t in_plane = xs[2] * xs[3], out_plane = ys[2] * ys[3];
         const int64_t out_per_group = out_channels_ / group_, k = depth_ * kh_ * kw_;
+        // Threads split im2col by input channel and the sgemm by output channel (BLAS itself is
+        // single-threaded: kernels/parallel.h); small convs stay on one thread.
+        const int threads = out_per_group * out_plane * k < kMinParallelMacs ? 1 : ctx.threads;
         for (int64_t n = 0; n < xs[0]; ++n) {
             for (int64_t g = 0; g < group_; ++g) {
                 const float* x = ctx.in[0] + (n * xs[1] + g * depth_) * in_plane;
                 float* y = ctx.out[0] + (n * ys[1] + g * out_per_group) * out_plane;
                 const float* columns = x;  // a 1x1 stride-1 unpadded conv reads the input as it is
                 if (!direct()) {
-                    im2col(x, xs[2], xs[3], ys[2], ys[3], ctx.workspace);
+                    detail::parallel_ranges(depth_, threads, [&](int64_t c0, int64_t c1) {
+                        im2col(x, xs[2], xs[3], ys[2], ys[3], c0, c1, ctx.workspace);
+                    });
                     columns = ctx.workspace;
                 }
-                NM_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(out_per_group),
-                         static_cast<blasint>(out_plane), static_cast<blasint>(k), 1.0f, weight_ + g * out_per_group * k,
-                         static_cast<blasint>(k), columns, static_cast<blasint>(out_plane), 0.0f, y,
-                         static_cast<blasint>(out_plane));
-                if (bias_) {
-                    for (int64_t t = 0; t < out_per_group; ++t) {
+                detail::parallel_ranges(out_per_group, threads, [&](int64_t t0, int64_t t1) {
+                    NM_SGEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(t1 - t0),
+                             static_cast<blasint>(out_plane), static_cast<blasint>(k), 1.0f,
+                             weight_ + (g * out_per_group + t0) * k, static_cast<blasint>(k), columns,
+                             static_cast<blasint>(out_plane), 0.0f, y + t0 * out_plane, static_cast<blasint>(out_plane));
+                    if (!bias_) return;
+                    for (int64_t t = t0; t < t1; ++t) {
                         const float b = bias_[g * out_per_group + t];
                         for (int64_t i = 0; i < out_plane; ++i) y[t * out_plane + i] += b;
                     }
-                }
+                });
             }
         }
     }
@@ -286,9 +296,11 @@ class ConvOp : public Op {
                pads_[2] == 0 && pads_[3] == 0;
     }
 
-    // columns[(c*kh + i)*kw + j][oh*OW + ow] = x[c][oh*s - pad + i*d][ow*s - pad + j*d] (0 outside).
-    void im2col(const float* x, int64_t h, int64_t w, int64_t oh_count, int64_t ow_count, float* columns) const {
-        for (int64_t c = 0; c < depth_; ++c) {
+    // columns[(c*kh + i)*kw + j][oh*OW + ow] = x[c][oh*s - pad + i*d][ow*s - pad + j*d] (0 outside),
+    // for input channels c0 <= c < c1.
+    void im2col(const float* x, int64_t h, int64_t w, int64_t oh_count, int64_t ow_count, int64_t c0, int64_t c1,
+                float* columns) const {
+        for (int64_t c = c0; c < c1; ++c) {
             for (int64_t i = 0; i < kh_; ++i) {
                 for (int64_t j = 0; j < kw_; ++j) {
                     float* row = columns + ((c * kh_ + i) * kw_ + j) * oh_count * ow_count;
@@ -366,10 +378,15 @@ class GemmOp : public Op {
             beta = beta_;
         }
         if (m == 0 || n == 0) return;
-        NM_SGEMM(CblasRowMajor, trans_a_ ? CblasTrans : CblasNoTrans, trans_b_ ? CblasTrans : CblasNoTrans,
-                 static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k), alpha_, ctx.in[0],
-                 static_cast<blasint>(trans_a_ ? m : k), ctx.in[1], static_cast<blasint>(b[1]), beta, ctx.out[0],
-                 static_cast<blasint>(n));
+        // Threads take column ranges of the output (B's columns, or rows of a transposed B).
+        const int threads = m * n * k < kMinParallelMacs ? 1 : ctx.threads;
+        detail::parallel_ranges(n, threads, [&](int64_t j0, int64_t j1) {
+            const float* b_part = ctx.in[1] + (trans_b_ ? j0 * b[1] : j0);
+            NM_SGEMM(CblasRowMajor, trans_a_ ? CblasTrans : CblasNoTrans, trans_b_ ? CblasTrans : CblasNoTrans,
+                     static_cast<blasint>(m), static_cast<blasint>(j1 - j0), static_cast<blasint>(k), alpha_, ctx.in[0],
+                     static_cast<blasint>(trans_a_ ? m : k), b_part, static_cast<blasint>(b[1]), beta, ctx.out[0] + j0,
+                     static_cast<blasint>(n));
+        });
     }
 
    private:

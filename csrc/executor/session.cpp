@@ -12,6 +12,7 @@
 #include <mutex>
 #include <unordered_map>
 
+#include "../kernels/parallel.h"
 #include "model.h"
 #include "neuralmerge/executor.h"
 #include "op.h"
@@ -104,6 +105,7 @@ class SessionImpl {
     SessionImpl(std::shared_ptr<const detail::PackedModel> model, const SessionOptions& options)
         : model_(std::move(model)), options_(options) {
         if (options.threads < 1 || options.threads > 1024) throw std::invalid_argument("threads must be in [1, 1024]");
+        detail::use_single_threaded_blas();  // dense ops split their sgemm over our own workers
         for (const auto& [name, constant] : model_->constants) {
             const int id = add_value(name);
             ValueInfo info;
@@ -392,6 +394,7 @@ class SessionImpl {
     std::vector<Tensor> execute(Plan& plan, const std::vector<const float*>& feeds) {
         detail::RunContext ctx;
         ctx.workspace = plan.workspace.empty() ? nullptr : plan.workspace.data();
+        ctx.threads = options_.threads;
         for (size_t n : plan.steps) {
             ctx.in.clear();
             ctx.out.clear();

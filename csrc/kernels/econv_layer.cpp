@@ -15,26 +15,18 @@
 // activations and int8 codewords (vpdpbusd).
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstring>
-#include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
-
-#if defined(__unix__)
-#include <unistd.h>
-#endif
 
 #include "../blas.h"
 #include "lut_internal.h"
+#include "parallel.h"
 
 namespace neuralmerge {
 namespace {
@@ -84,116 +76,6 @@ std::vector<float> widened_codebook(const EncodedWeight& w) {
     std::vector<float> out(static_cast<size_t>(w.codebook_rows * w.segment_length));
     for (size_t i = 0; i < out.size(); ++i) out[i] = detail::half_to_float(w.codebook_fp16[i]);
     return out;
-}
-
-// Spin-wait hint to the CPU (lets the sibling hyper-thread run; saves power).
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    asm volatile("yield");
-#endif
-}
-
-// Helper threads kept for the life of the process: starting and joining std::threads on every
-// call cost tens of microseconds, as much as a small layer's whole compute. Idle helpers spin
-// for kSpin before they sleep, and the caller spins for their results: waking a sleeping thread
-// through a condition variable cost ~80 us per call on this (virtualised) machine, 10x the
-// compute of a small layer. Layers run back to back, so the next job usually arrives while the
-// helpers still spin.
-class WorkerPool {
- public:
-    static WorkerPool& instance() {
-        // Never destroyed: its threads outlive static destructors. A forked child has none of
-        // the parent's threads, so it starts a pool of its own.
-        static WorkerPool* pool = nullptr;
-        static std::mutex create;
-        std::lock_guard<std::mutex> lock(create);
-#if defined(__unix__)
-        if (pool && pool->owner_ != getpid()) pool = nullptr;  // the parent's pool: leaked
-#endif
-        if (!pool) pool = new WorkerPool;
-        return *pool;
-    }
-
-    // Runs fn(worker, unit) for every unit < units; worker w < workers takes units w, w + workers, ...
-    // The caller is worker 0. Concurrent callers take turns.
-    void run(int64_t units, int64_t workers, const std::function<void(int64_t, int64_t)>& fn) {
-        std::lock_guard<std::mutex> turn(run_mutex_);
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            while (static_cast<int64_t>(threads_.size()) < workers - 1) {
-                const int64_t id = static_cast<int64_t>(threads_.size()) + 1;
-                threads_.emplace_back([this, id] { serve(id); });
-            }
-            // Published before the generation moves (release); read by helpers after they see it.
-            job_.store(&fn, std::memory_order_relaxed);
-            units_.store(units, std::memory_order_relaxed);
-            workers_.store(workers, std::memory_order_relaxed);
-            pending_.store(workers - 1, std::memory_order_relaxed);
-            generation_.fetch_add(1, std::memory_order_release);
-        }
-        wake_.notify_all();
-        for (int64_t u = 0; u < units; u += workers) fn(0, u);
-        for (int64_t spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
-            if (spins < kCallerSpins) {
-                cpu_relax();
-            } else {
-                std::this_thread::yield();
-            }
-        }
-    }
-
- private:
-    static constexpr int64_t kCallerSpins = int64_t{1} << 16;
-    static constexpr std::chrono::microseconds kSpin{200};
-
-    void serve(int64_t id) {
-        uint64_t seen = 0;
-        for (;;) {
-            uint64_t now = generation_.load(std::memory_order_acquire);
-            const auto deadline = std::chrono::steady_clock::now() + kSpin;
-            for (int64_t spins = 0; now == seen; ++spins) {
-                if (spins % 256 == 0 && std::chrono::steady_clock::now() > deadline) break;
-                cpu_relax();
-                now = generation_.load(std::memory_order_acquire);
-            }
-            if (now == seen) {
-                std::unique_lock<std::mutex> lock(mutex_);
-                wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-                now = generation_.load(std::memory_order_acquire);
-            }
-            seen = now;
-            // A helper needed for this generation is counted in pending_, so the next run()
-            // cannot overwrite the job before it has finished with it.
-            const int64_t workers = workers_.load(std::memory_order_relaxed);
-            if (id >= workers) continue;  // not needed this time
-            const auto* job = job_.load(std::memory_order_relaxed);
-            const int64_t units = units_.load(std::memory_order_relaxed);
-            for (int64_t u = id; u < units; u += workers) (*job)(id, u);
-            pending_.fetch_sub(1, std::memory_order_release);
-        }
-    }
-
-    std::mutex run_mutex_, mutex_;
-    std::condition_variable wake_;
-    std::vector<std::thread> threads_;
-    std::atomic<const std::function<void(int64_t, int64_t)>*> job_{nullptr};
-    std::atomic<int64_t> units_{0}, workers_{0}, pending_{0};
-    std::atomic<uint64_t> generation_{0};
-#if defined(__unix__)
-    const pid_t owner_ = getpid();
-#endif
-};
-
-// Runs fn(worker, unit) for unit < units on up to `threads` threads (the caller's thread is one).
-void parallel_units(int64_t units, int threads, const std::function<void(int64_t, int64_t)>& fn) {
-    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, units));
-    if (workers == 1) {
-        for (int64_t u = 0; u < units; ++u) fn(0, u);
-        return;
-    }
-    WorkerPool::instance().run(units, workers, fn);
 }
 
 // Whether the ISA builds tables of this precision with a fused kernel (no fp32 scratch).
@@ -325,6 +207,7 @@ EConvLayer::EConvLayer(const EncodedWeight& weight, const ConvGeometry& g, const
     econv_output_shape(Shape4{1, w.depth * std::max<int64_t>(g.group, 1), reach_h, reach_w}, w, g);
 
     m.kernels = &detail::select_kernels(opt.isa);
+    detail::use_single_threaded_blas();  // the table build's sgemm runs inside our workers
     m.options = opt;
     m.geometry = g;
     m.out_channels = w.out_channels;
@@ -747,7 +630,7 @@ void EConvLayer::run(const float* x, const Shape4& in, float* y, float* workspac
     }
 
     float* workers = phases + p.input_floats + p.quantised_floats;
-    parallel_units(in.n * m.geometry.group * p.strips, p.workers, [&](int64_t worker, int64_t unit) {
+    detail::parallel_units(in.n * m.geometry.group * p.strips, p.workers, [&](int64_t worker, int64_t unit) {
         const int64_t strip = unit % p.strips, image_group = unit / p.strips;
         m.run_strip(p, phases, m.vnni ? &quantised[image_group] : nullptr, offsets, image_group / m.geometry.group,
                     image_group % m.geometry.group, strip, scales[image_group], workers + worker * p.worker_floats, y);

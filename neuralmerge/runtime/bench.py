@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from neuralmerge.io.onnx_files import ort_session
-from neuralmerge.runtime.session import PRECISIONS, Session, set_blas_threads
+from neuralmerge.runtime.session import PRECISIONS, Session
 
 __all__ = ["benchmark", "median_ms", "random_feeds", "quantize_int8", "session_peak_rss"]
 
@@ -94,7 +94,6 @@ def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, 
     """Time ``merged`` in the runtime at each ``lut`` and ``baselines`` back to back in ORT."""
     from neuralmerge.runtime import pack_model
 
-    set_blas_threads(threads)
     rng = np.random.default_rng(seed)
     result: dict = {"threads": threads, "repeat": repeat, "warmup": warmup, "cpu": _cpu_features(),
                     "merged": {"path": str(merged), "bytes": Path(merged).stat().st_size},

@@ -10,7 +10,6 @@ happens in C++: a bad file raises :class:`ModelError`, bad feeds raise :class:`F
 """
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from neuralmerge.errors import ConfigError, NeuralMergeError
 from neuralmerge.runtime import _native
 from neuralmerge.runtime.pack import MAGIC, ModelError, pack_model
 
-__all__ = ["Session", "TensorSpec", "FeedError", "ModelError", "PRECISIONS", "set_blas_threads"]
+__all__ = ["Session", "TensorSpec", "FeedError", "ModelError", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "fp16", "int16", "int8")
 
@@ -53,7 +52,6 @@ class Session:
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 1024:
             raise ConfigError(f"threads must be an integer in [1, 1024], got {threads!r}")
         lib = self._lib = _native.load()
-        set_blas_threads(threads)
         self.lut, self.threads = lut, threads
         try:
             if isinstance(model, (bytes, bytearray, memoryview)):
@@ -100,18 +98,6 @@ class Session:
     def __repr__(self) -> str:
         return (f"Session(inputs={[s.name for s in self.inputs]}, outputs={[s.name for s in self.outputs]}, "
                 f"lut={self.lut!r}, threads={self.threads})")
-
-
-def set_blas_threads(threads: int) -> None:
-    """Pin the thread count of the runtime's own OpenBLAS (the scipy-openblas32 wheel, used by dense
-    Conv/Gemm). It is a private copy (symbols prefixed ``scipy_``), so numpy's and faiss's BLAS
-    are not affected."""
-    try:
-        import scipy_openblas32
-    except ImportError:  # built against the system OpenBLAS: OPENBLAS_NUM_THREADS applies
-        return
-    library = os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True))
-    ctypes.CDLL(library).scipy_openblas_set_num_threads(int(threads))
 
 
 def _spec(name: str, dtype: str, shape: list[int]) -> TensorSpec:

@@ -1,0 +1,143 @@
+// The worker pool of parallel.h.
+#include "parallel.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__unix__)
+#include <unistd.h>
+#endif
+
+#include "../blas.h"
+
+namespace neuralmerge {
+namespace detail {
+namespace {
+
+// Spin-wait hint to the CPU (lets the sibling hyper-thread run; saves power).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+// Helper threads kept for the life of the process: starting and joining std::threads on every
+// call cost tens of microseconds, as much as a small layer's whole compute. Idle helpers spin
+// for kSpin before they sleep, and the caller spins for their results: waking a sleeping thread
+// through a condition variable cost ~80 us per call on this (virtualised) machine, 10x the
+// compute of a small layer. Layers run back to back, so the next job usually arrives while the
+// helpers still spin.
+class WorkerPool {
+ public:
+    static WorkerPool& instance() {
+        // Never destroyed: its threads outlive static destructors. A forked child has none of
+        // the parent's threads, so it starts a pool of its own.
+        static WorkerPool* pool = nullptr;
+        static std::mutex create;
+        std::lock_guard<std::mutex> lock(create);
+#if defined(__unix__)
+        if (pool && pool->owner_ != getpid()) pool = nullptr;  // the parent's pool: leaked
+#endif
+        if (!pool) pool = new WorkerPool;
+        return *pool;
+    }
+
+    // Runs fn(worker, unit) for every unit < units; worker w < workers takes units w, w + workers, ...
+    // The caller is worker 0. Concurrent callers take turns.
+    void run(int64_t units, int64_t workers, const std::function<void(int64_t, int64_t)>& fn) {
+        std::lock_guard<std::mutex> turn(run_mutex_);
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            while (static_cast<int64_t>(threads_.size()) < workers - 1) {
+                const int64_t id = static_cast<int64_t>(threads_.size()) + 1;
+                threads_.emplace_back([this, id] { serve(id); });
+            }
+            // Published before the generation moves (release); read by helpers after they see it.
+            job_.store(&fn, std::memory_order_relaxed);
+            units_.store(units, std::memory_order_relaxed);
+            workers_.store(workers, std::memory_order_relaxed);
+            pending_.store(workers - 1, std::memory_order_relaxed);
+            generation_.fetch_add(1, std::memory_order_release);
+        }
+        wake_.notify_all();
+        for (int64_t u = 0; u < units; u += workers) fn(0, u);
+        for (int64_t spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+            if (spins < kCallerSpins) {
+                cpu_relax();
+            } else {
+                std::this_thread::yield();
+            }
+        }
+    }
+
+ private:
+    static constexpr int64_t kCallerSpins = int64_t{1} << 16;
+    static constexpr std::chrono::microseconds kSpin{200};
+
+    void serve(int64_t id) {
+        uint64_t seen = 0;
+        for (;;) {
+            uint64_t now = generation_.load(std::memory_order_acquire);
+            const auto deadline = std::chrono::steady_clock::now() + kSpin;
+            for (int64_t spins = 0; now == seen; ++spins) {
+                if (spins % 256 == 0 && std::chrono::steady_clock::now() > deadline) break;
+                cpu_relax();
+                now = generation_.load(std::memory_order_acquire);
+            }
+            if (now == seen) {
+                std::unique_lock<std::mutex> lock(mutex_);
+                wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+                now = generation_.load(std::memory_order_acquire);
+            }
+            seen = now;
+            // A helper needed for this generation is counted in pending_, so the next run()
+            // cannot overwrite the job before it has finished with it.
+            const int64_t workers = workers_.load(std::memory_order_relaxed);
+            if (id >= workers) continue;  // not needed this time
+            const auto* job = job_.load(std::memory_order_relaxed);
+            const int64_t units = units_.load(std::memory_order_relaxed);
+            for (int64_t u = id; u < units; u += workers) (*job)(id, u);
+            pending_.fetch_sub(1, std::memory_order_release);
+        }
+    }
+
+    std::mutex run_mutex_, mutex_;
+    std::condition_variable wake_;
+    std::vector<std::thread> threads_;
+    std::atomic<const std::function<void(int64_t, int64_t)>*> job_{nullptr};
+    std::atomic<int64_t> units_{0}, workers_{0}, pending_{0};
+    std::atomic<uint64_t> generation_{0};
+#if defined(__unix__)
+    const pid_t owner_ = getpid();
+#endif
+};
+
+}  // namespace
+
+void parallel_units(int64_t units, int threads, const std::function<void(int64_t, int64_t)>& fn) {
+    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, units));
+    if (workers == 1) {
+        for (int64_t u = 0; u < units; ++u) fn(0, u);
+        return;
+    }
+    WorkerPool::instance().run(units, workers, fn);
+}
+
+void parallel_ranges(int64_t count, int threads, const std::function<void(int64_t, int64_t)>& fn) {
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, count));
+    parallel_units(parts, static_cast<int>(parts), [&](int64_t, int64_t part) {
+        fn(count * part / parts, count * (part + 1) / parts);
+    });
+}
+
+void use_single_threaded_blas() { NM_BLAS_SET_THREADS(1); }
+
+}  // namespace detail
+}  // namespace neuralmerge
