@@ -138,6 +138,24 @@ def test_non_contiguous_feed_is_accepted(merged):
     np.testing.assert_allclose(got, ort_outputs(model, {"input": x})["logits"], rtol=1e-4, atol=1e-5)
 
 
+def test_independent_tasks_side_by_side_match_onnxruntime(merged):
+    """With 2 threads the two models of a merged pair are independent tasks. The first runs try
+    them one after the other (ops split over the threads) and side by side (one thread each),
+    then keep the faster way; every run must agree with onnxruntime."""
+    model = merged["lenet_pair"]
+    session = Session(pack_model(model), threads=2)
+    feeds = feeds_for(model, 2)
+    want = ort_outputs(model, feeds)
+    for _ in range(10):  # warm-up, 3 trials each way, then the chosen way
+        got = session.run(feeds)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4 * np.abs(want[name]).max())
+    one = session.run({k: v for k, v in feeds.items() if k == model.graph.input[1].name},
+                      outputs=[model.graph.output[1].name])
+    np.testing.assert_allclose(one[model.graph.output[1].name], want[model.graph.output[1].name], rtol=1e-4,
+                               atol=1e-4 * np.abs(want[model.graph.output[1].name]).max())
+
+
 def op_zoo_model() -> onnx.ModelProto:
     """A graph with the dense ops of the supported subset that the zoo models do not all cover."""
     rng = np.random.default_rng(0)

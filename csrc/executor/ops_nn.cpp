@@ -170,12 +170,13 @@ class EConvOp : public Op {
         return {float_value({o.n, o.c, o.h, o.w})};
     }
 
+    // Enough for either thread count a run may use (the session's, or 1 inside a task).
     size_t workspace_floats(const Infos& in, const Infos&) const override {
-        return layer_->workspace_floats(shape4(in[0]->shape));
+        return std::max(layer_->workspace_floats(shape4(in[0]->shape)), layer_->workspace_floats(shape4(in[0]->shape), 1));
     }
 
     void run(const Infos& in, const Infos&, RunContext& ctx) const override {
-        layer_->run(ctx.in[0], shape4(in[0]->shape), ctx.out[0], ctx.workspace);
+        layer_->run(ctx.in[0], shape4(in[0]->shape), ctx.out[0], ctx.workspace, ctx.threads);
     }
 
     std::string kernel() const override { return layer_->kernel_name(); }

@@ -5,7 +5,10 @@
 // elementwise ops share memory, and packs all remaining tensors into one arena by liveness:
 // a tensor's bytes are reused as soon as the last node that reads it has run.
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstdint>
+#include <exception>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -32,6 +35,13 @@ constexpr int kNoValue = -1;
 // Where a root tensor's bytes live.
 enum class Storage { kNone, kConstant, kFeed, kArena };
 
+// How a plan with independent tasks runs. Undecided plans try both ways on their first runs
+// and keep the faster: whether running whole tasks side by side (one thread each) beats
+// splitting every op over the threads depends on the tasks' balance and the ops' sizes (the
+// LeNet pair: 2x faster side by side; the VGG-avg + ZF pair, one task 5x the other: slower).
+enum class TaskMode { kUndecided, kOneByOne, kSideBySide };
+constexpr int kWarmupRuns = 1, kTrialRuns = 3;  // per way, after the warm-up; the fastest counts
+
 struct Plan {
     std::vector<ValueInfo> infos;        // per value id
     std::vector<int> root;               // per value id: the value whose memory it uses
@@ -40,7 +50,16 @@ struct Plan {
     std::vector<size_t> steps;           // nodes to run, in order
     std::vector<int> outputs;            // value ids of the requested outputs
     std::vector<float> arena, workspace;
+    // Independent tasks (with threads >= 2): steps that pass no value to each other, e.g. the
+    // models of a merged file, which share only weights. Each task has its own arena region and
+    // workspace, so tasks may run side by side, one per thread.
+    std::vector<std::vector<size_t>> tasks;  // step indices, in order
+    std::vector<size_t> task_workspace;      // per task: offset into workspace
+    TaskMode mode = TaskMode::kOneByOne;
+    int runs = 0;  // while undecided
+    double fastest_one_by_one = INFINITY, fastest_side_by_side = INFINITY;
 };
+
 
 size_t round_up(size_t n) { return (n + 15) / 16 * 16; }  // 64-byte alignment in floats
 
@@ -352,30 +371,77 @@ class SessionImpl {
             }
         }
 
+        find_tasks(*plan);
         // Arena offsets by liveness: outputs are placed before the step's dead inputs are freed,
-        // so an op never writes over what it reads (except in place, decided above).
-        ArenaAllocator arena;
+        // so an op never writes over what it reads (except in place, decided above). Tasks get
+        // regions of their own, one after another.
         std::vector<std::vector<int>> dies_after(plan->steps.size());
         for (size_t id = 0; id < value_count; ++id) {
             if (plan->storage[id] == Storage::kArena && root_last_use[id] != INT64_MAX) {
                 dies_after[static_cast<size_t>(root_last_use[id])].push_back(static_cast<int>(id));
             }
         }
-        size_t workspace = 0;
-        for (size_t s = 0; s < plan->steps.size(); ++s) {
-            for (int id : created_at[s]) {
-                plan->offset[id] = arena.allocate(static_cast<size_t>(plan->infos[id].numel()));
-            }
-            const size_t n = plan->steps[s];
-            detail::Infos in, out;
-            for (int id : node_inputs_[n]) in.push_back(id == kNoValue ? nullptr : &plan->infos[id]);
-            for (int id : node_outputs_[n]) out.push_back(id == kNoValue ? nullptr : &plan->infos[id]);
-            workspace = std::max(workspace, ops_[n]->workspace_floats(in, out));
-            for (int id : dies_after[s]) arena.release(plan->offset[id]);
+        std::vector<std::vector<size_t>> regions = plan->tasks;
+        if (regions.empty()) {
+            regions.emplace_back(plan->steps.size());
+            for (size_t s = 0; s < plan->steps.size(); ++s) regions[0][s] = s;
         }
-        plan->arena.assign(arena.size(), 0.0f);
-        plan->workspace.assign(workspace, 0.0f);
+        size_t arena_end = 0, workspace_end = 0;
+        for (const std::vector<size_t>& region : regions) {
+            ArenaAllocator arena;
+            size_t workspace = 0;
+            for (size_t s : region) {
+                for (int id : created_at[s]) {
+                    plan->offset[id] = arena_end + arena.allocate(static_cast<size_t>(plan->infos[id].numel()));
+                }
+                const size_t n = plan->steps[s];
+                detail::Infos in, out;
+                for (int id : node_inputs_[n]) in.push_back(id == kNoValue ? nullptr : &plan->infos[id]);
+                for (int id : node_outputs_[n]) out.push_back(id == kNoValue ? nullptr : &plan->infos[id]);
+                workspace = std::max(workspace, ops_[n]->workspace_floats(in, out));
+                for (int id : dies_after[s]) arena.release(plan->offset[id] - arena_end);
+            }
+            if (!plan->tasks.empty()) plan->task_workspace.push_back(workspace_end);
+            arena_end += round_up(arena.size());
+            workspace_end += round_up(workspace);
+        }
+        plan->arena.assign(arena_end, 0.0f);
+        plan->workspace.assign(workspace_end, 0.0f);
         return plan;
+    }
+
+    // Splits the plan's steps into independent tasks when the session has threads to run them
+    // side by side (union-find over the values steps pass to each other).
+    void find_tasks(Plan& plan) const {
+        if (options_.threads < 2) return;
+        const size_t count = plan.steps.size();
+        std::vector<size_t> parent(count);
+        for (size_t s = 0; s < count; ++s) parent[s] = s;
+        auto find = [&](size_t s) {
+            while (parent[s] != s) s = parent[s] = parent[parent[s]];
+            return s;
+        };
+        std::unordered_map<int, size_t> producer;  // value id -> step
+        for (size_t s = 0; s < count; ++s) {
+            const size_t n = plan.steps[s];
+            for (int id : node_inputs_[n]) {
+                const auto it = id == kNoValue ? producer.end() : producer.find(id);
+                if (it != producer.end()) parent[find(s)] = find(it->second);
+            }
+            for (int id : node_outputs_[n]) {
+                if (id != kNoValue) producer[id] = s;
+            }
+        }
+        std::unordered_map<size_t, size_t> task_of_root;
+        std::vector<std::vector<size_t>> tasks;
+        for (size_t s = 0; s < count; ++s) {
+            const auto [it, added] = task_of_root.emplace(find(s), tasks.size());
+            if (added) tasks.emplace_back();
+            tasks[it->second].push_back(s);
+        }
+        if (tasks.size() < 2) return;
+        plan.tasks = std::move(tasks);
+        plan.mode = TaskMode::kUndecided;
     }
 
     const float* pointer(Plan& plan, const std::vector<const float*>& feeds, int id) {
@@ -391,23 +457,45 @@ class SessionImpl {
         return nullptr;
     }
 
+    void run_step(Plan& plan, const std::vector<const float*>& feeds, size_t step, detail::RunContext& ctx) {
+        const size_t n = plan.steps[step];
+        ctx.in.clear();
+        ctx.out.clear();
+        detail::Infos in, out;
+        for (int id : node_inputs_[n]) {
+            ctx.in.push_back(pointer(plan, feeds, id));
+            in.push_back(id == kNoValue ? nullptr : &plan.infos[id]);
+        }
+        for (int id : node_outputs_[n]) {
+            ctx.out.push_back(const_cast<float*>(pointer(plan, feeds, id)));  // arena memory: writable
+            out.push_back(id == kNoValue ? nullptr : &plan.infos[id]);
+        }
+        ops_[n]->run(in, out, ctx);
+    }
+
+    float* task_workspace(Plan& plan, size_t task) {
+        return plan.workspace.empty() ? nullptr : plan.workspace.data() + plan.task_workspace[task];
+    }
+
     std::vector<Tensor> execute(Plan& plan, const std::vector<const float*>& feeds) {
-        detail::RunContext ctx;
-        ctx.workspace = plan.workspace.empty() ? nullptr : plan.workspace.data();
-        ctx.threads = options_.threads;
-        for (size_t n : plan.steps) {
-            ctx.in.clear();
-            ctx.out.clear();
-            detail::Infos in, out;
-            for (int id : node_inputs_[n]) {
-                ctx.in.push_back(pointer(plan, feeds, id));
-                in.push_back(id == kNoValue ? nullptr : &plan.infos[id]);
+        if (plan.tasks.empty()) {
+            run_one_by_one(plan, feeds);
+        } else if (plan.mode != TaskMode::kUndecided) {
+            plan.mode == TaskMode::kSideBySide ? run_side_by_side(plan, feeds) : run_one_by_one(plan, feeds);
+        } else {
+            const int run = plan.runs++;
+            const bool side_by_side = run >= kWarmupRuns + kTrialRuns;
+            const auto start = std::chrono::steady_clock::now();
+            side_by_side ? run_side_by_side(plan, feeds) : run_one_by_one(plan, feeds);
+            const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+            if (run >= kWarmupRuns) {
+                double& fastest = side_by_side ? plan.fastest_side_by_side : plan.fastest_one_by_one;
+                fastest = std::min(fastest, seconds);
             }
-            for (int id : node_outputs_[n]) {
-                ctx.out.push_back(const_cast<float*>(pointer(plan, feeds, id)));  // arena memory: writable
-                out.push_back(id == kNoValue ? nullptr : &plan.infos[id]);
+            if (plan.runs == kWarmupRuns + 2 * kTrialRuns) {
+                plan.mode = plan.fastest_side_by_side < plan.fastest_one_by_one ? TaskMode::kSideBySide
+                                                                                : TaskMode::kOneByOne;
             }
-            ops_[n]->run(in, out, ctx);
         }
         std::vector<Tensor> results;
         for (int id : plan.outputs) {
@@ -418,6 +506,39 @@ class SessionImpl {
             results.push_back(std::move(t));
         }
         return results;
+    }
+
+    // Every step in order, each op splitting its work over the session's threads.
+    void run_one_by_one(Plan& plan, const std::vector<const float*>& feeds) {
+        detail::RunContext ctx;
+        ctx.threads = options_.threads;
+        if (plan.tasks.empty()) {
+            ctx.workspace = plan.workspace.empty() ? nullptr : plan.workspace.data();
+            for (size_t s = 0; s < plan.steps.size(); ++s) run_step(plan, feeds, s, ctx);
+            return;
+        }
+        for (size_t t = 0; t < plan.tasks.size(); ++t) {
+            ctx.workspace = task_workspace(plan, t);
+            for (size_t s : plan.tasks[t]) run_step(plan, feeds, s, ctx);
+        }
+    }
+
+    // Every task on one thread, tasks spread over the session's threads.
+    void run_side_by_side(Plan& plan, const std::vector<const float*>& feeds) {
+        std::vector<std::exception_ptr> errors(plan.tasks.size());
+        detail::parallel_units(static_cast<int64_t>(plan.tasks.size()), options_.threads, [&](int64_t, int64_t t) {
+            try {
+                detail::RunContext ctx;
+                ctx.threads = 1;
+                ctx.workspace = task_workspace(plan, static_cast<size_t>(t));
+                for (size_t s : plan.tasks[static_cast<size_t>(t)]) run_step(plan, feeds, s, ctx);
+            } catch (...) {
+                errors[static_cast<size_t>(t)] = std::current_exception();  // rethrown on the caller's thread
+            }
+        });
+        for (const std::exception_ptr& error : errors) {
+            if (error) std::rethrow_exception(error);
+        }
     }
 
     std::shared_ptr<const detail::PackedModel> model_;

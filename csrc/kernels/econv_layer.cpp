@@ -180,7 +180,7 @@ struct EConvLayer::Impl {
     mutable std::array<int64_t, 3> cached_key{};
     mutable std::shared_ptr<const std::vector<int32_t>> cached_offsets;
 
-    ConvPlan plan(const Shape4& in) const;
+    ConvPlan plan(const Shape4& in, int threads) const;
     std::shared_ptr<const std::vector<int32_t>> term_offsets(const ConvPlan& plan) const;
     void fill_phases(const float* x, const ConvPlan& plan, float* phases) const;
     float table_scale(const ConvPlan& plan, const float* phases, int64_t n, int64_t grp) const;
@@ -283,7 +283,7 @@ Shape4 EConvLayer::output_shape(const Shape4& in) const {
     return econv_output_shape(in, shape_only, m.geometry);
 }
 
-ConvPlan EConvLayer::Impl::plan(const Shape4& in) const {
+ConvPlan EConvLayer::Impl::plan(const Shape4& in, int requested_threads) const {
     ConvPlan p;
     p.in = in;
     EncodedWeight shape_only;
@@ -311,7 +311,7 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in) const {
     // and a second one adds its start-up and the strips' shared rows for nothing.
     constexpr int64_t kMinParallelWork = int64_t{1} << 18;
     const int64_t work = p.in.n * out_channels * terms * p.out.h * p.phase_w;
-    const int threads = work < kMinParallelWork ? 1 : options.threads;
+    const int threads = work < kMinParallelWork ? 1 : requested_threads > 0 ? requested_threads : options.threads;
     if (threads > units_per_strip_set) {
         // Enough strips that every thread has work.
         const int64_t strips_wanted = ceil_div(threads, units_per_strip_set);
@@ -348,8 +348,8 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in) const {
     return p;
 }
 
-size_t EConvLayer::workspace_floats(const Shape4& in) const {
-    const ConvPlan p = impl_->plan(in);
+size_t EConvLayer::workspace_floats(const Shape4& in, int threads) const {
+    const ConvPlan p = impl_->plan(in, threads);
     return static_cast<size_t>(p.input_floats + p.quantised_floats + p.workers * p.worker_floats);
 }
 
@@ -593,10 +593,11 @@ std::shared_ptr<const std::vector<int32_t>> EConvLayer::Impl::term_offsets(const
     return offsets;
 }
 
-void EConvLayer::run(const float* x, const Shape4& in, float* y, float* workspace) const {
+void EConvLayer::run(const float* x, const Shape4& in, float* y, float* workspace, int threads) const {
     const Impl& m = *impl_;
     if (!x || !y) fail("input and output must not be null");
-    const ConvPlan p = m.plan(in);
+    if (threads < 0) fail("threads must be >= 0 (0: the layer's own count), got " + std::to_string(threads));
+    const ConvPlan p = m.plan(in, threads);
     if (!workspace) {
         // Reused across calls: a fresh multi-megabyte allocation would be page-faulted in (and
         // zeroed by the OS) on every call, which costs more than a small layer's compute.

@@ -19,6 +19,17 @@ namespace neuralmerge {
 namespace detail {
 namespace {
 
+// Set while a thread runs a unit of a pool job: a parallel_units call from inside one (a layer
+// inside a task that runs beside others) runs its units itself, since the pool is busy with
+// the outer job and waiting for it would never end.
+thread_local bool in_job = false;
+
+struct JobScope {
+    bool saved = in_job;
+    JobScope() { in_job = true; }
+    ~JobScope() { in_job = saved; }
+};
+
 // Spin-wait hint to the CPU (lets the sibling hyper-thread run; saves power).
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -67,7 +78,10 @@ class WorkerPool {
             generation_.fetch_add(1, std::memory_order_release);
         }
         wake_.notify_all();
-        for (int64_t u = 0; u < units; u += workers) fn(0, u);
+        {
+            JobScope scope;
+            for (int64_t u = 0; u < units; u += workers) fn(0, u);
+        }
         for (int64_t spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
             if (spins < kCallerSpins) {
                 cpu_relax();
@@ -103,7 +117,10 @@ class WorkerPool {
             if (id >= workers) continue;  // not needed this time
             const auto* job = job_.load(std::memory_order_relaxed);
             const int64_t units = units_.load(std::memory_order_relaxed);
-            for (int64_t u = id; u < units; u += workers) (*job)(id, u);
+            {
+                JobScope scope;
+                for (int64_t u = id; u < units; u += workers) (*job)(id, u);
+            }
             pending_.fetch_sub(1, std::memory_order_release);
         }
     }
@@ -123,7 +140,7 @@ class WorkerPool {
 
 void parallel_units(int64_t units, int threads, const std::function<void(int64_t, int64_t)>& fn) {
     const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, units));
-    if (workers == 1) {
+    if (workers == 1 || in_job) {
         for (int64_t u = 0; u < units; ++u) fn(0, u);
         return;
     }

@@ -10,6 +10,7 @@ namespace detail {
 
 /// Runs fn(worker, unit) for every unit < units on up to `threads` threads (the caller's thread
 /// is worker 0; worker w takes units w, w + workers, ...). Returns when all units are done.
+/// Called from inside a unit, it runs serially on the calling thread. fn must not throw.
 void parallel_units(int64_t units, int threads, const std::function<void(int64_t, int64_t)>& fn);
 
 /// Runs fn(begin, end) over [0, count) cut into up to `threads` contiguous ranges.

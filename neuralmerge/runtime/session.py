@@ -43,7 +43,9 @@ class Session:
 
     ``model`` is the path of an ``.onnx`` or ``.nmpack`` file, or ``.nmpack`` bytes. ``lut`` is the
     table precision of the encoded layers: ``"fp32"`` (exact), ``"fp16"``, ``"int16"`` or
-    ``"int8"``. ``threads`` is the number of threads the lookup-table kernels may use.
+    ``"int8"``. ``threads`` is the number of threads a run may use: ops split their work over them,
+    or, for a merged model whose tasks are independent, the tasks may run side by side (the
+    session times both ways on its first runs and keeps the faster; see docs/runtime.md).
     """
 
     def __init__(self, model: str | os.PathLike | bytes, lut: str = "fp32", threads: int = 1):

@@ -37,6 +37,8 @@ enum class Precision { kFp32, kFp16, kInt16, kInt8 };
 
 struct SessionOptions {
     Precision precision = Precision::kFp32;
+    /// Threads a run may use: ops split their work, or independent tasks run side by side
+    /// (whichever the first runs measured faster; docs/runtime.md).
     int threads = 1;
 };
 

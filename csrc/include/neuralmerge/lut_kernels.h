@@ -109,11 +109,13 @@ class EConvLayer {
 
     /// Throws std::invalid_argument on a bad input shape or geometry.
     Shape4 output_shape(const Shape4& in) const;
-    /// Floats of scratch run() needs for an input of shape `in` (pass it to avoid an allocation).
-    size_t workspace_floats(const Shape4& in) const;
+    /// Floats of scratch run() needs for an input of shape `in` on `threads` threads (pass it to
+    /// avoid an allocation); threads 0 means the LutOptions' count.
+    size_t workspace_floats(const Shape4& in, int threads = 0) const;
     /// x is NCHW fp32 of shape `in`; y holds output_shape(in) floats; workspace is null or
-    /// holds workspace_floats(in) floats (64-byte alignment is not required).
-    void run(const float* x, const Shape4& in, float* y, float* workspace = nullptr) const;
+    /// holds workspace_floats(in, threads) floats (64-byte alignment is not required). threads 0
+    /// means the LutOptions' count.
+    void run(const float* x, const Shape4& in, float* y, float* workspace = nullptr, int threads = 0) const;
     /// Kernel in use: "<fp32|fp16|int16|int8>-<avx512|avx2|scalar>".
     const char* kernel_name() const;
 
