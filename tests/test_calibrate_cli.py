@@ -95,13 +95,17 @@ def test_ctrl_c_leaves_a_checkpoint_then_resume_finishes(job, tmp_path):
     _, a, b, xa, xb = job
     out = tmp_path / "m.onnx"
     ckpt = tmp_path / "m.onnx.ckpt" / "calib.pt"
-    args = ["merge", a, b, "-o", out, *ENCODE, "--calib", xa, "--calib", xb, "--quiet"]
+    # a patience of 200 epochs: early stopping must not end the run before the signal arrives
+    config = tmp_path / "patient.yaml"
+    config.write_text("defaults: {r: 4, codewords: 16}\ncalibration: {patience: 200}\n")
+    args = ["merge", a, b, "-o", out, *ENCODE, "--config", config, "--calib", xa, "--calib", xb, "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "neuralmerge", *map(str, args), "--epochs", "200"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1]
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0

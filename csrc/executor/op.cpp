@@ -89,6 +89,8 @@ std::unique_ptr<Op> make_op(const Node& node, const PackedModel& model, const Se
         op = make_elementwise_op(node, model);
         if (!op) op = make_nn_op(node, model, options);
         if (!op) op = make_tensor_op(node, model);
+        if (!op) op = make_reduce_op(node, model);
+        if (!op) op = make_resample_op(node, model);
     }
     if (!op) {
         model_error("op '" + node.op + "' (node '" + node.name +

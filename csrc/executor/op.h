@@ -83,6 +83,8 @@ std::unique_ptr<Op> make_op(const Node& node, const PackedModel& model, const Se
 std::unique_ptr<Op> make_elementwise_op(const Node& node, const PackedModel& model);
 std::unique_ptr<Op> make_nn_op(const Node& node, const PackedModel& model, const SessionOptions& options);
 std::unique_ptr<Op> make_tensor_op(const Node& node, const PackedModel& model);
+std::unique_ptr<Op> make_reduce_op(const Node& node, const PackedModel& model);
+std::unique_ptr<Op> make_resample_op(const Node& node, const PackedModel& model);
 
 int64_t numel(const Dims& shape);
 std::string dims_text(const Dims& shape);

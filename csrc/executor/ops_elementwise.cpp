@@ -1,5 +1,5 @@
-// Elementwise ops: activations, Add/Sub/Mul/Div with numpy broadcasting, BatchNormalization (a
-// per-channel affine) and Softmax.
+// Elementwise ops: activations and pointwise math, Add/Sub/Mul/Div and PRelu with numpy
+// broadcasting, variadic Sum/Max/Min/Mean, BatchNormalization (a per-channel affine) and Softmax.
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -29,6 +29,9 @@ UnaryOp::Fn pointwise(F f) {
         for (int64_t i = 0; i < n; ++i) y[i] = f(x[i]);
     };
 }
+
+// log(1 + e^x) without overflow for large x.
+float softplus(float x) { return x > 0.0f ? x + std::log1p(std::exp(-x)) : std::log1p(std::exp(x)); }
 
 // Clip bounds: attributes before opset 11, optional constant scalar inputs from opset 11 on.
 std::pair<float, float> clip_bounds(const Node& node, const PackedModel& model) {
@@ -168,6 +171,77 @@ class BinaryOp : public Op {
     BinaryKind kind_;
 };
 
+// ---- PRelu: y = x < 0 ? slope * x : x, slope broadcast to x (unidirectionally) ---------
+
+class PReluOp : public Op {
+   public:
+    explicit PReluOp(const Node& node) : Op(node) {}
+
+    std::vector<ValueInfo> infer(const Infos& in) const override {
+        const ValueInfo &x = float_input(in, 0), &slope = float_input(in, 1);
+        require(broadcast_shape(x.shape, slope.shape, node_) == x.shape,
+                "slope " + dims_text(slope.shape) + " does not broadcast to the input " + dims_text(x.shape));
+        return {float_value(x.shape)};
+    }
+
+    void run(const Infos& in, const Infos& out, RunContext& ctx) const override {
+        broadcast_apply(ctx.in[0], in[0]->shape, ctx.in[1], in[1]->shape, ctx.out[0], out[0]->shape,
+                        [](float x, float slope) { return x < 0.0f ? slope * x : x; });
+    }
+
+    Sharing sharing() const override { return Sharing::kInPlace; }
+};
+
+// ---- Variadic Sum / Max / Min / Mean with broadcasting ------------------------------------
+
+enum class VariadicKind { kSum, kMax, kMin, kMean };
+
+class VariadicOp : public Op {
+   public:
+    VariadicOp(const Node& node, VariadicKind kind) : Op(node), kind_(kind) {}
+
+    std::vector<ValueInfo> infer(const Infos& in) const override {
+        require(!in.empty(), "needs at least one input");
+        Dims shape = float_input(in, 0).shape;
+        for (size_t i = 1; i < in.size(); ++i) shape = broadcast_shape(shape, float_input(in, i).shape, node_);
+        return {float_value(shape)};
+    }
+
+    // Output = input 0 broadcast to the output shape, then folded with each further input in place
+    // (out[i] reads out[i] only, so input 0 may share the output's memory).
+    void run(const Infos& in, const Infos& out, RunContext& ctx) const override {
+        const Dims& shape = out[0]->shape;
+        broadcast_apply(ctx.in[0], in[0]->shape, ctx.in[0], in[0]->shape, ctx.out[0], shape,
+                        [](float a, float) { return a; });
+        for (size_t i = 1; i < in.size(); ++i) {
+            const float* x = ctx.in[i];
+            switch (kind_) {
+                case VariadicKind::kSum:
+                case VariadicKind::kMean:
+                    broadcast_apply(ctx.out[0], shape, x, in[i]->shape, ctx.out[0], shape, std::plus<float>());
+                    break;
+                case VariadicKind::kMax:
+                    broadcast_apply(ctx.out[0], shape, x, in[i]->shape, ctx.out[0], shape,
+                                    [](float a, float b) { return std::max(a, b); });
+                    break;
+                case VariadicKind::kMin:
+                    broadcast_apply(ctx.out[0], shape, x, in[i]->shape, ctx.out[0], shape,
+                                    [](float a, float b) { return std::min(a, b); });
+                    break;
+            }
+        }
+        if (kind_ == VariadicKind::kMean) {
+            const float count = static_cast<float>(in.size());
+            for (int64_t i = 0, n = out[0]->numel(); i < n; ++i) ctx.out[0][i] /= count;
+        }
+    }
+
+    Sharing sharing() const override { return Sharing::kInPlace; }
+
+   private:
+    VariadicKind kind_;
+};
+
 // ---- BatchNormalization as y = x * scale[c] + shift[c] ----------------------------------
 
 class BatchNormOp : public Op {
@@ -282,6 +356,46 @@ std::unique_ptr<Op> make_elementwise_op(const Node& node, const PackedModel& mod
             return x * std::min(std::max(x / 6.0f + 0.5f, 0.0f), 1.0f);
         }));
     }
+    if (op == "Exp") return std::make_unique<UnaryOp>(node, pointwise([](float x) { return std::exp(x); }));
+    if (op == "Log") return std::make_unique<UnaryOp>(node, pointwise([](float x) { return std::log(x); }));
+    if (op == "Sqrt") return std::make_unique<UnaryOp>(node, pointwise([](float x) { return std::sqrt(x); }));
+    if (op == "Abs") return std::make_unique<UnaryOp>(node, pointwise([](float x) { return std::fabs(x); }));
+    if (op == "Neg") return std::make_unique<UnaryOp>(node, pointwise([](float x) { return -x; }));
+    if (op == "Reciprocal") return std::make_unique<UnaryOp>(node, pointwise([](float x) { return 1.0f / x; }));
+    if (op == "Floor") return std::make_unique<UnaryOp>(node, pointwise([](float x) { return std::floor(x); }));
+    if (op == "Ceil") return std::make_unique<UnaryOp>(node, pointwise([](float x) { return std::ceil(x); }));
+    // Round is half-to-even; nearbyint rounds so in the default floating-point environment.
+    if (op == "Round") return std::make_unique<UnaryOp>(node, pointwise([](float x) { return std::nearbyint(x); }));
+    if (op == "Erf") return std::make_unique<UnaryOp>(node, pointwise([](float x) { return std::erf(x); }));
+    if (op == "Softplus") return std::make_unique<UnaryOp>(node, pointwise(softplus));
+    if (op == "Mish") return std::make_unique<UnaryOp>(node, pointwise([](float x) { return x * std::tanh(softplus(x)); }));
+    if (op == "Elu") {
+        const float alpha = node.attr_float("alpha", 1.0f);
+        return std::make_unique<UnaryOp>(node, pointwise([alpha](float x) { return x >= 0.0f ? x : alpha * std::expm1(x); }));
+    }
+    if (op == "Selu") {
+        const float alpha = node.attr_float("alpha", 1.67326319217681884765625f);
+        const float gamma = node.attr_float("gamma", 1.05070102214813232421875f);
+        return std::make_unique<UnaryOp>(node, pointwise([alpha, gamma](float x) {
+            return gamma * (x > 0.0f ? x : alpha * (std::exp(x) - 1.0f));
+        }));
+    }
+    if (op == "Gelu") {
+        const std::string approximate = node.attr_string("approximate", "none");
+        if (approximate == "tanh") {
+            return std::make_unique<UnaryOp>(node, pointwise([](float x) {
+                constexpr float kSqrt2OverPi = 0.7978845608028654f;
+                return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
+            }));
+        }
+        if (approximate != "none") model_error(node.where() + ": approximate '" + approximate + "' is not one of none, tanh");
+        return std::make_unique<UnaryOp>(node, pointwise([](float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }));
+    }
+    if (op == "PRelu") return std::make_unique<PReluOp>(node);
+    if (op == "Sum") return std::make_unique<VariadicOp>(node, VariadicKind::kSum);
+    if (op == "Max") return std::make_unique<VariadicOp>(node, VariadicKind::kMax);
+    if (op == "Min") return std::make_unique<VariadicOp>(node, VariadicKind::kMin);
+    if (op == "Mean") return std::make_unique<VariadicOp>(node, VariadicKind::kMean);
     if (op == "Add") return std::make_unique<BinaryOp>(node, BinaryKind::kAdd);
     if (op == "Sub") return std::make_unique<BinaryOp>(node, BinaryKind::kSub);
     if (op == "Mul") return std::make_unique<BinaryOp>(node, BinaryKind::kMul);

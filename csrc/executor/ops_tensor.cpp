@@ -1,6 +1,7 @@
 // Layout ops: views (Reshape, Flatten, Squeeze, Unsqueeze, Identity, Dropout), Transpose, Concat,
-// and the integer shape arithmetic of exported graphs (Shape, Gather, Slice, Cast), which is
-// computed at plan time so that a Shape -> Gather -> Concat -> Reshape chain follows the batch size.
+// Slice, Split, and the integer shape arithmetic of exported graphs (Shape, Gather, Slice, Cast),
+// which is computed at plan time so that a Shape -> Gather -> Concat -> Reshape chain follows the
+// batch size.
 #include <algorithm>
 #include <cstring>
 
@@ -272,24 +273,177 @@ class GatherOp : public Op {
     int64_t axis_;
 };
 
+// ---- Slice (float at run time, or shape integers at plan time) and Split -----------------
+
+// One axis of a slice: the first index read, the step between reads and how many are read.
+struct SliceAxis {
+    int64_t start = 0, step = 1, count = 0;
+};
+
+// y = x[axes[0].start :: axes[0].step][...] with axes[d].count entries per dimension.
+template <typename T>
+void slice_copy(const T* x, const Dims& shape, const std::vector<SliceAxis>& axes, T* y) {
+    const size_t rank = shape.size();
+    int64_t total = 1;
+    for (const SliceAxis& a : axes) total *= a.count;
+    if (total == 0) return;
+    Dims stride(rank, 1);
+    for (size_t i = rank - 1; i-- > 0;) stride[i] = stride[i + 1] * shape[i + 1];
+    int64_t offset = 0;
+    for (size_t d = 0; d < rank; ++d) offset += axes[d].start * stride[d];
+    const int64_t inner = axes.back().count, inner_step = axes.back().step;
+    Dims index(rank, 0);
+    for (int64_t o = 0; o < total; o += inner) {
+        for (int64_t j = 0; j < inner; ++j) y[o + j] = x[offset + j * inner_step];
+        for (size_t d = rank - 1; d-- > 0;) {  // odometer over the outer dims
+            offset += axes[d].step * stride[d];
+            if (++index[d] < axes[d].count) break;
+            offset -= axes[d].step * stride[d] * axes[d].count;
+            index[d] = 0;
+        }
+    }
+}
+
 class SliceOp : public Op {
    public:
-    explicit SliceOp(const Node& node) : Op(node) {}
+    SliceOp(const Node& node, int64_t opset) : Op(node), opset_(opset) {}
+
     std::vector<ValueInfo> infer(const Infos& in) const override {
         const ValueInfo& data = input(in, 0);
-        require(data.dtype == DType::kInt64 && data.known && data.shape.size() == 1,
-                "only shape arithmetic is supported (Slice of a 1-D integer tensor known before running)");
-        const std::vector<int64_t>&starts = known_ints(in, 1), &ends = known_ints(in, 2);
-        require(starts.size() == 1 && ends.size() == 1, "only one axis is supported");
-        if (in.size() > 3 && in[3]) require(known_ints(in, 3) == std::vector<int64_t>{0} || known_ints(in, 3) == std::vector<int64_t>{-1}, "axis must be 0");
-        const int64_t step = in.size() > 4 && in[4] ? known_ints(in, 4).at(0) : 1;
-        require(step == 1, "only step 1 is supported");
-        const int64_t n = data.shape[0];
-        const auto clamp = [n](int64_t v) { return std::clamp<int64_t>(v < 0 ? v + n : v, 0, n); };
-        const int64_t start = clamp(starts[0]), end = std::max(start, clamp(ends[0]));
-        return {known_value({end - start}, std::vector<int64_t>(data.ints.begin() + start, data.ints.begin() + end))};
+        const std::vector<SliceAxis> axes = slice_axes(data.shape, in);
+        Dims out;
+        for (const SliceAxis& a : axes) out.push_back(a.count);
+        if (data.dtype == DType::kInt64) {
+            require(data.known, "an integer input must be known before running (shape arithmetic)");
+            std::vector<int64_t> values(static_cast<size_t>(checked_numel(out, node_.where())));
+            slice_copy(data.ints.data(), data.shape, axes, values.data());
+            return {known_value(out, std::move(values))};
+        }
+        float_input(in, 0);
+        return {float_value(out)};
     }
-    void run(const Infos&, const Infos&, RunContext&) const override {}
+
+    void run(const Infos& in, const Infos&, RunContext& ctx) const override {
+        slice_copy(ctx.in[0], in[0]->shape, slice_axes(in[0]->shape, in), ctx.out[0]);
+    }
+
+   private:
+    // starts/ends/axes/steps: attributes before opset 10, inputs 1-4 from then on.
+    std::vector<SliceAxis> slice_axes(const Dims& shape, const Infos& in) const {
+        const int64_t rank = static_cast<int64_t>(shape.size());
+        require(rank >= 1, "cannot slice a scalar");
+        const bool inputs = opset_ >= 10;
+        const std::vector<int64_t> starts = inputs ? known_ints(in, 1) : node_.attr_ints("starts", {});
+        const std::vector<int64_t> ends = inputs ? known_ints(in, 2) : node_.attr_ints("ends", {});
+        std::vector<int64_t> axes = inputs ? (in.size() > 3 && in[3] ? known_ints(in, 3) : std::vector<int64_t>{})
+                                           : node_.attr_ints("axes", {});
+        const std::vector<int64_t> steps = inputs && in.size() > 4 && in[4] ? known_ints(in, 4)
+                                                                            : std::vector<int64_t>(starts.size(), 1);
+        if (axes.empty()) {
+            for (size_t i = 0; i < starts.size(); ++i) axes.push_back(static_cast<int64_t>(i));
+        }
+        require(ends.size() == starts.size() && axes.size() == starts.size() && steps.size() == starts.size(),
+                "starts, ends, axes and steps have different lengths");
+        std::vector<SliceAxis> out(static_cast<size_t>(rank));
+        for (int64_t d = 0; d < rank; ++d) out[d] = {0, 1, shape[d]};
+        std::vector<bool> seen(static_cast<size_t>(rank), false);
+        for (size_t i = 0; i < starts.size(); ++i) {
+            const int64_t axis = normalize_axis(axes[i], rank, node_), dim = shape[axis], step = steps[i];
+            require(!seen[axis], "axis " + std::to_string(axes[i]) + " is repeated");
+            seen[axis] = true;
+            require(step != 0 && step >= -kMaxElements && step <= kMaxElements, "invalid step " + std::to_string(step));
+            // ONNX clamping: negative indices count from the end; a negative step reads down to -1.
+            int64_t start = starts[i] < 0 ? std::max(starts[i], -dim) + dim : starts[i];
+            int64_t end = ends[i] < 0 ? std::max(ends[i], -dim - 1) + dim : ends[i];
+            int64_t count = 0;
+            if (step > 0) {
+                start = std::min(start, dim);
+                end = std::min(end, dim);
+                count = end > start ? (end - start + step - 1) / step : 0;
+            } else {
+                start = std::min(start, dim - 1);
+                end = std::max<int64_t>(std::min(end, dim - 1), -1);
+                count = start > end ? (start - end - step - 1) / -step : 0;
+            }
+            out[axis] = {start, step, count};
+        }
+        return out;
+    }
+
+    int64_t opset_;
+};
+
+class SplitOp : public Op {
+   public:
+    SplitOp(const Node& node, int64_t opset) : Op(node), opset_(opset), axis_(node.attr_int("axis", 0)) {
+        require(!node.outputs.empty(), "needs at least one output");
+    }
+
+    std::vector<ValueInfo> infer(const Infos& in) const override {
+        const ValueInfo& x = float_input(in, 0);
+        const int64_t axis = normalize_axis(axis_, static_cast<int64_t>(x.shape.size()), node_);
+        std::vector<ValueInfo> out;
+        for (int64_t size : parts(x.shape[axis], in)) {
+            Dims shape = x.shape;
+            shape[axis] = size;
+            out.push_back(float_value(shape));
+        }
+        return out;
+    }
+
+    void run(const Infos& in, const Infos&, RunContext& ctx) const override {
+        const Dims& s = in[0]->shape;
+        const int64_t axis = normalize_axis(axis_, static_cast<int64_t>(s.size()), node_);
+        const int64_t outer = numel(Dims(s.begin(), s.begin() + axis));
+        const int64_t inner = numel(Dims(s.begin() + axis + 1, s.end()));
+        const std::vector<int64_t> sizes = parts(s[axis], in);
+        int64_t first = 0;  // of the current part along the axis
+        for (size_t k = 0; k < sizes.size(); ++k) {
+            const int64_t size = sizes[k];
+            for (int64_t o = 0; ctx.out[k] && o < outer; ++o) {  // unused outputs have no buffer
+                const float* src = ctx.in[0] + (o * s[axis] + first) * inner;
+                std::copy(src, src + size * inner, ctx.out[k] + o * size * inner);
+            }
+            first += size;
+        }
+    }
+
+   private:
+    // The length of each part along the axis: `split` (an attribute before opset 13, an input
+    // from then on), else equal parts (from opset 18 the last may be smaller).
+    std::vector<int64_t> parts(int64_t dim, const Infos& in) const {
+        const int64_t count = static_cast<int64_t>(node_.outputs.size());
+        std::vector<int64_t> split;
+        if (opset_ >= 13) {
+            if (in.size() > 1 && in[1]) split = known_ints(in, 1);
+        } else {
+            split = node_.attr_ints("split", {});
+        }
+        if (!split.empty()) {
+            require(static_cast<int64_t>(split.size()) == count,
+                    "split has " + std::to_string(split.size()) + " entries for " + std::to_string(count) + " outputs");
+            int64_t total = 0;
+            for (int64_t v : split) {
+                require(v >= 0 && v <= dim, "invalid split size " + std::to_string(v));
+                total += v;
+            }
+            require(total == dim, "split sizes " + dims_text(split) + " do not add up to the dimension " + std::to_string(dim));
+            return split;
+        }
+        if (opset_ >= 18 && node_.has_attr("num_outputs")) {
+            const int64_t n = node_.attr_int("num_outputs", 0);
+            require(n == count, "num_outputs " + std::to_string(n) + " does not match the " + std::to_string(count) + " outputs");
+            const int64_t chunk = (dim + n - 1) / n, last = dim - chunk * (n - 1);
+            require(last >= 0, "cannot split a dimension of " + std::to_string(dim) + " into " + std::to_string(n) + " parts");
+            std::vector<int64_t> sizes(static_cast<size_t>(n), chunk);
+            sizes.back() = last;
+            return sizes;
+        }
+        require(dim % count == 0, "cannot split a dimension of " + std::to_string(dim) + " into " + std::to_string(count) + " equal parts");
+        return std::vector<int64_t>(static_cast<size_t>(count), dim / count);
+    }
+
+    int64_t opset_, axis_;
 };
 
 class CastOp : public Op {
@@ -323,7 +477,8 @@ std::unique_ptr<Op> make_tensor_op(const Node& node, const PackedModel& model) {
     if (op == "Concat") return std::make_unique<ConcatOp>(node);
     if (op == "Shape") return std::make_unique<ShapeOp>(node);
     if (op == "Gather") return std::make_unique<GatherOp>(node);
-    if (op == "Slice") return std::make_unique<SliceOp>(node);
+    if (op == "Slice") return std::make_unique<SliceOp>(node, model.opset);
+    if (op == "Split") return std::make_unique<SplitOp>(node, model.opset);
     if (op == "Cast") return std::make_unique<CastOp>(node);
     return nullptr;
 }
