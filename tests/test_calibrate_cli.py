@@ -99,8 +99,11 @@ def test_ctrl_c_leaves_a_checkpoint_then_resume_finishes(job, tmp_path):
     config = tmp_path / "patient.yaml"
     config.write_text("defaults: {r: 4, codewords: 16}\ncalibration: {patience: 200}\n")
     args = ["merge", a, b, "-o", out, *ENCODE, "--config", config, "--calib", xa, "--calib", xb, "--quiet"]
+    # SIG_DFL in the child: a shell that started the tests in the background made them ignore
+    # SIGINT, and Python keeps an ignored SIGINT ignored (no KeyboardInterrupt)
     proc = subprocess.Popen([sys.executable, "-m", "neuralmerge", *map(str, args), "--epochs", "200"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
