@@ -138,6 +138,10 @@ def test_pad_bad_attributes_and_constants():
             13, "reflect pads", "smaller than the dimension 3")
     refused(helper.make_node("Pad", ["x", "pads"], ["y"]), x, {"pads": ints([0, 0, 1 << 40, 0, 0, 0, 0, 0])}, 13,
             "invalid")
+    # 2^21 x 2^11 x 2^11 elements: more than the runtime allows per tensor, and the message names the node
+    refused(helper.make_node("Pad", ["x", "pads"], ["y"], name="big"), x, {"pads": ints([0, 1 << 21, 1 << 10, 1 << 10,
+                                                                                     0, 0, 1 << 10, 1 << 10])}, 13,
+            "op 'Pad' (node 'big'): a computed tensor has more than")
 
 
 # ---- Resize / Upsample --------------------------------------------------------------------

@@ -309,7 +309,14 @@ class SessionImpl {
             const Op& op = *ops_[n];
             detail::Infos in;
             for (int id : node_inputs_[n]) in.push_back(id == kNoValue ? nullptr : &plan->infos[id]);
-            std::vector<ValueInfo> out = op.infer(in);
+            std::vector<ValueInfo> out;
+            try {
+                out = op.infer(in);
+            } catch (const ModelError& error) {  // shape helpers know no node: name it here
+                const std::string message = error.what(), where = op.node().where();
+                if (message.find(where) != std::string::npos) throw;
+                detail::model_error(where + ": " + message);
+            }
             const std::vector<int>& out_ids = node_outputs_[n];
             if (out.size() > out_ids.size()) detail::model_error(op.node().where() + " has too few outputs");
             bool runs = false;
