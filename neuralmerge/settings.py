@@ -258,7 +258,7 @@ def _parse_config(config: str | Path | dict) -> MergeConfig:
     base = Path(source).parent if not isinstance(config, dict) else Path(".")
     cfg.models = [str(base / m) for m in models]
     cfg.calibration = _parse_calibration(data.get("calibration"), source, base)
-    cfg.preprocess = _parse_preprocess(data.get("preprocess"), source)
+    cfg.preprocess = parse_preprocess(data.get("preprocess"), source)
     return cfg
 
 
@@ -278,12 +278,13 @@ def _parse_calibration(section, source: str, base: Path) -> CalibrationSettings:
     return settings
 
 
-def _parse_preprocess(section, source: str) -> list:
-    """``preprocess:`` is one mapping for every model or a list with one mapping (or null) per model."""
+def parse_preprocess(section, source: str, per: str = "model") -> list:
+    """``preprocess:`` is one mapping for every model (or teacher: ``per``) or a list with one mapping (or
+    null) per model."""
     if section is None:
         return []
     if isinstance(section, dict):
         return [check_preprocess(section, f"{source}: preprocess")]
     if not isinstance(section, list):
-        raise ConfigError(f"{source}: 'preprocess' must be a mapping or a list of mappings (one per model)")
+        raise ConfigError(f"{source}: 'preprocess' must be a mapping or a list of mappings (one per {per})")
     return [check_preprocess(spec, f"{source}: preprocess[{i}]") for i, spec in enumerate(section)]

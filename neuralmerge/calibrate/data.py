@@ -122,18 +122,19 @@ def _check_labels(path: str, y: np.ndarray, n: int, classes: int | None) -> None
         raise ConfigError(f"--calib {path}: labels must be in [0, {classes - 1}], found {low if low < 0 else high}")
 
 
-def load_image_folder(folder: Path, spec: TensorSpec, preprocess: dict | None) -> np.ndarray:
+def load_image_folder(folder: Path, spec: TensorSpec, preprocess: dict | None, flag: str = "--calib") -> np.ndarray:
     """Images of ``folder`` (sorted by name) as an N×C×H×W array, preprocessed as the config says.
 
     Defaults: resize to the model's input size, the model's channel count, scale 255, mean 0, std 1.
+    Errors name the folder after ``flag``, the option that gave it.
     """
     from PIL import Image  # only folders need Pillow (a matplotlib dependency)
 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ConfigError(f"--calib {folder}: the folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ConfigError(f"{flag} {folder}: the folder has no images ({', '.join(IMAGE_SUFFIXES)})")
     if len(spec.shape) != 4:
-        raise ConfigError(f"--calib {folder}: image folders need a model with an N×C×H×W input; "
+        raise ConfigError(f"{flag} {folder}: image folders need a model with an N×C×H×W input; "
                           f"'{spec.name}' has {len(spec.shape)} dimensions")
     pre = preprocess or {}
     _, channels, height, width = spec.shape
@@ -141,7 +142,7 @@ def load_image_folder(folder: Path, spec: TensorSpec, preprocess: dict | None) -
     if "resize" in pre:
         height, width = pre["resize"]
     if height is None or width is None:
-        raise ConfigError(f"--calib {folder}: the model input has no fixed size; set preprocess.resize")
+        raise ConfigError(f"{flag} {folder}: the model input has no fixed size; set preprocess.resize")
     mean = np.asarray(pre.get("mean", 0.0), np.float32).reshape(-1, 1, 1)
     std = np.asarray(pre.get("std", 1.0), np.float32).reshape(-1, 1, 1)
     images = []
@@ -151,7 +152,7 @@ def load_image_folder(folder: Path, spec: TensorSpec, preprocess: dict | None) -
                 image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
                 pixels = np.asarray(image, np.float32)
         except OSError as exc:
-            raise ConfigError(f"--calib {file}: cannot read the image: {str(exc).splitlines()[0]}") from exc
+            raise ConfigError(f"{flag} {file}: cannot read the image: {str(exc).splitlines()[0]}") from exc
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
         images.append((pixels / float(pre.get("scale", 255.0)) - mean) / std)
     return np.stack(images).astype(spec.dtype)

@@ -31,9 +31,9 @@ class CompositionResult:
     report: dict[str, Any]         # settings, label statistics, training history (JSON-ready)
 
 
-def _check_inputs(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled: Any
-                  ) -> tuple[list[str], list[Any], tuple[int, ...]]:
-    """Validate what can be checked before running anything; return (union, supports, input shape)."""
+def _check_inputs(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled: Any,
+                  teacher_inputs: Sequence[Any]) -> tuple[list[str], list[Any], tuple[int, ...]]:
+    """Validate what can be checked before running anything; return (union, supports, the student's input shape)."""
     import numpy as np
 
     from neuralmerge.compose.labels import union_classes
@@ -49,19 +49,23 @@ def _check_inputs(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unl
             raise CompositionError(f"teacher {teacher.name} outputs {teacher.output_width} logits but its class "
                                    f"list has {len(names)} names")
     union, supports = union_classes(classes)
-    x = unlabeled
-    if not isinstance(x, np.ndarray) or x.ndim < 2:
-        raise CompositionError("the unlabeled data must be an array of shape (N, ...) with one sample per row")
-    if len(x) == 0:
-        raise CompositionError("the unlabeled set is empty")
-    if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
-        raise CompositionError("the unlabeled data must be finite numbers")
-    shape = tuple(x.shape[1:])
-    for teacher in teachers:
-        if teacher.input_shape is not None and teacher.input_shape != shape:
+    if len(teacher_inputs) != len(teachers):
+        raise CompositionError(f"got {len(teachers)} teachers but {len(teacher_inputs)} teacher inputs")
+    for x, who in [(unlabeled, None), *((xi, t) for xi, t in zip(teacher_inputs, teachers) if xi is not unlabeled)]:
+        what = "the unlabeled data" if who is None else f"the input of teacher {who.name}"
+        if not isinstance(x, np.ndarray) or x.ndim < 2:
+            raise CompositionError(f"{what} must be an array of shape (N, ...) with one sample per row")
+        if len(x) == 0:
+            raise CompositionError("the unlabeled set is empty")
+        if len(x) != len(unlabeled):
+            raise CompositionError(f"{what} has {len(x)} samples, the unlabeled data {len(unlabeled)}")
+        if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+            raise CompositionError(f"{what} must be finite numbers")
+    for teacher, x in zip(teachers, teacher_inputs):
+        if teacher.input_shape is not None and teacher.input_shape != tuple(x.shape[1:]):
             raise CompositionError(f"teacher {teacher.name} takes inputs {list(teacher.input_shape)} but the "
-                                   f"unlabeled samples are {list(shape)}")
-    return union, supports, shape
+                                   f"unlabeled samples are {list(x.shape[1:])}")
+    return union, supports, tuple(unlabeled.shape[1:])
 
 
 def _label_indices(y: Any, union: list[str]) -> Any:
@@ -115,12 +119,14 @@ def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled
             labeled: tuple[Any, Any] | None = None, finetune_epochs: int = 5, finetune_lr: float = 1e-4,
             output: str | os.PathLike | None = None, force: bool = False,
             cache_dir: str | os.PathLike | None = None, teacher_batch_size: int = 256, seed: int = 0,
-            progress: bool = True) -> CompositionResult:
+            progress: bool = True, teacher_inputs: "Sequence[np.ndarray] | None" = None) -> CompositionResult:
     """Model Composition's Algorithm 1 for classifiers: one student for the union of the teachers' classes.
 
     ``teachers``: ONNX paths, :class:`teachers.Teacher` objects or callables (float32 batch →
-    logits). ``classes``: each teacher's class names, in output order. ``unlabeled``: inputs
-    (N, ...). Teachers run once per (teacher, data) and are cached in ``cache_dir`` if given.
+    logits). ``classes``: each teacher's class names, in output order. ``unlabeled``: the student's
+    inputs (N, ...); ``teacher_inputs``: one array per teacher with the same N samples prepared for
+    it (default: every teacher takes ``unlabeled``; :func:`inputs.pool_inputs` prepares them from a
+    pool and a config). Teachers run once per (teacher, data) and are cached in ``cache_dir`` if given.
     Labels come from :func:`labels.make_pseudo_labels` (``method`` default ``ce``, ``strategy``,
     ``tau``, ``temperature``, ``balance``, ``select``); the student is trained by
     :func:`student.train_student` (with the UHC loss of ``method`` when ``backprop``), then
@@ -160,7 +166,11 @@ def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled
     if transfer_pairs is not None and not feature_transfer:
         raise CompositionError("--transfer-pair needs --feature-transfer")
     teacher_list = [as_teacher(t, i) for i, t in enumerate(teachers)]
-    union, supports, input_shape = _check_inputs(teacher_list, classes, unlabeled)
+    teacher_inputs = [unlabeled] * len(teacher_list) if teacher_inputs is None else list(teacher_inputs)
+    union, supports, input_shape = _check_inputs(teacher_list, classes, unlabeled, teacher_inputs)
+    if feature_transfer and any(xi is not unlabeled and not np.array_equal(xi, unlabeled) for xi in teacher_inputs):
+        raise CompositionError("--feature-transfer runs the teachers on the student's input; it needs teachers that "
+                               "take the same input as the student")
     if is_multi_label:
         from neuralmerge.compose.multilabel import resolve_tasks
 
@@ -186,10 +196,11 @@ def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled
                                   explicit=transfer_pairs)
 
     x = np.ascontiguousarray(unlabeled, dtype=np.float32)
+    teacher_x = [x if xi is unlabeled else np.ascontiguousarray(xi, dtype=np.float32) for xi in teacher_inputs]
 
     def label() -> tuple[list[bool], Any, Any]:
         """(cache hits, labels, feature owners): teachers run once, by one process (they may write the cache)."""
-        logits, cached = teacher_logits(teacher_list, x, batch_size=teacher_batch_size, cache_dir=cache_dir,
+        logits, cached = teacher_logits(teacher_list, teacher_x, batch_size=teacher_batch_size, cache_dir=cache_dir,
                                         progress=progress)
         for teacher, names, z in zip(teacher_list, classes, logits):
             if z.shape[1] != len(names):
@@ -227,6 +238,7 @@ def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled
                      "transfer_weight": transfer_weight if feature_transfer else None, "student": student,
                      "epochs": epochs, "batch_size": batch_size, "lr": lr, "val_fraction": val_fraction,
                      "seed": seed},
+        "inputs": {"student": list(input_shape), "teachers": [list(xi.shape[1:]) for xi in teacher_x]},
         "labels": labels.stats,
         "training": training,
     }

@@ -55,8 +55,12 @@ def read_array_file(path: str, keys: tuple[str, ...]) -> dict[str, Any]:
 @click.argument("teachers", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--classes", "class_files", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="A teacher's class names, one per line in output order; once per teacher, same order.")
-@click.option("--unlabeled", required=True, type=click.Path(dir_okay=False),
-              help="Unlabeled inputs: .npy, or .npz with key x; shape (N, C, H, W) like the teachers' input.")
+@click.option("--unlabeled", required=True, type=click.Path(),
+              help="Unlabeled inputs: .npy, .npz with key x, or a folder of images; prepared for each teacher and "
+                   "the student as --config says (default: as they are, or images at the teachers' input size).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML: preprocess (one mapping for all teachers, or one per teacher) and student, each with "
+                   "resize, channels, scale, mean, std.")
 @click.option("--student", default="lenet", show_default=True,
               help="lenet, resnet, mobilenet, or an ONNX file whose weights start the student (final Gemm resized).")
 @click.option("--method", type=click.Choice(_METHODS), default=None,
@@ -114,7 +118,8 @@ def _compose(teachers: tuple[str, ...], class_files: tuple[str, ...], unlabeled:
     _run(teachers, class_files, unlabeled, verbose=verbose, **options)
 
 
-def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled: str, *, student: str,
+def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled: str, *, config_path: str | None,
+         student: str,
          method: str | None, strategy: str, tau: float | None, temperature: float, balance: bool, select: str,
          multi_label: tuple[int, ...], tasks: str | None, feature_transfer: bool, transfer_weight: float,
          transfer_pairs: tuple[str, ...],
@@ -131,7 +136,10 @@ def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled
     if len(class_files) != len(teacher_paths):
         raise CompositionError(f"got {len(teacher_paths)} teachers but {len(class_files)} --classes files")
     classes = [read_class_file(path) for path in class_files]
-    x = read_array_file(unlabeled, ("x",))["x"]
+    from neuralmerge.compose.inputs import load_pool, pool_inputs, read_input_config
+
+    config = read_input_config(config_path)
+    pool = load_pool(unlabeled)
     labeled_data = None
     if labeled:
         arrays = read_array_file(labeled, ("x", "y"))
@@ -154,8 +162,9 @@ def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled
         if teacher.output_width is not None and teacher.output_width != len(names):
             raise CompositionError(f"{path} has {len(names)} class names but {teacher.name} outputs "
                                    f"{teacher.output_width} logits")
+    x, teacher_x = pool_inputs(pool, teachers, config)
     result = compose(
-        teachers, classes, x, method=method, strategy=strategy, tau=tau, temperature=temperature, balance=balance,
+        teachers, classes, x, teacher_inputs=teacher_x, method=method, strategy=strategy, tau=tau, temperature=temperature, balance=balance,
         select=select, multi_label=multi_label, tasks=tasks.split(",") if tasks is not None else None,
         feature_transfer=feature_transfer, transfer_weight=transfer_weight,
         transfer_pairs=pairs, backprop=backprop, hard=hard,
@@ -168,6 +177,8 @@ def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled
         return
     report = result.report
     report["unlabeled"] = str(unlabeled)
+    if config_path:
+        report["config"] = str(config_path)
     for entry, path in zip(report["teachers"], class_files):
         entry["class_file"] = str(path)
     if report_path:

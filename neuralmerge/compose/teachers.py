@@ -118,15 +118,23 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
         raise
 
 
-def teacher_logits(teachers: Sequence[Teacher], x: np.ndarray, *, batch_size: int = 256,
+def teacher_logits(teachers: Sequence[Teacher], x: np.ndarray | Sequence[np.ndarray], *, batch_size: int = 256,
                    cache_dir: str | os.PathLike | None = None, progress: bool = True) -> tuple[list[np.ndarray], list[bool]]:
-    """Every teacher's logits (n, K_i) on ``x``; also, per teacher, whether they came from the cache."""
-    if len(x) == 0:
+    """Every teacher's logits (n, K_i) on ``x`` (one array for all, or one per teacher); also, per teacher,
+    whether they came from the cache."""
+    inputs = [x] * len(teachers) if isinstance(x, np.ndarray) else list(x)
+    if len(inputs) != len(teachers):
+        raise CompositionError(f"got {len(teachers)} teachers but {len(inputs)} inputs")
+    if any(len(xi) == 0 for xi in inputs):
         raise CompositionError("the unlabeled set is empty")
-    data_hash = data_fingerprint(x) if cache_dir is not None else ""
+    hashes: dict[int, str] = {}  # by array identity: teachers that share an input hash it once
     results, cached = [], []
-    for teacher in teachers:
-        path = _cache_file(Path(cache_dir), teacher, data_hash) if cache_dir is not None and teacher.cache_key else None
+    for teacher, x in zip(teachers, inputs):
+        path = None
+        if cache_dir is not None and teacher.cache_key:
+            if id(x) not in hashes:
+                hashes[id(x)] = data_fingerprint(x)
+            path = _cache_file(Path(cache_dir), teacher, hashes[id(x)])
         if path is not None and path.is_file():
             try:
                 logits = np.load(path)
