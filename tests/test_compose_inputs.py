@@ -82,7 +82,7 @@ def test_config_errors_are_one_line_config_errors(tmp_path):
         load_pool(tmp_path / "nowhere.npy")
 
 
-def _tiny(size: int, classes: int) -> nn.Module:
+def _tiny(classes: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
                          nn.Linear(128, classes))
 
@@ -96,9 +96,9 @@ def folder_case(tmp_path_factory):
     images, y = data.images[order], data.target[order]
     pool_dir = folder / "pool"
     pool_dir.mkdir()
-    pool, test, train = slice(0, 500), slice(500, 800), slice(800, None)
+    pool, test, train = range(0, 500), slice(500, 800), slice(800, None)
     pixels = np.kron(images, np.ones((2, 2))) * 255 / 16  # 16×16, 0..255
-    for i in range(500):
+    for i in pool:
         Image.fromarray(pixels[i].astype(np.uint8)).save(pool_dir / f"{i:04d}.png")
     full = (pixels / 255).astype(np.float32)[:, None]
     small = torch.nn.functional.avg_pool2d(torch.from_numpy(full), 2).numpy()
@@ -106,7 +106,7 @@ def folder_case(tmp_path_factory):
     for i, (known, x, size) in enumerate([([0, 1, 2, 3, 4, 5], small, 8), ([4, 5, 6, 7, 8, 9], full, 16)]):
         rows = np.flatnonzero(np.isin(y[train], known))
         torch.manual_seed(i)
-        model = train_classifier(_tiny(size, 6), x[train][rows], np.searchsorted(known, y[train][rows]), epochs=20,
+        model = train_classifier(_tiny(6), x[train][rows], np.searchsorted(known, y[train][rows]), epochs=20,
                                  batch_size=32, quiet=True)
         teachers.append(str(export_onnx(model, folder / f"t{i}.onnx", (1, size, size))))
         (folder / f"t{i}.txt").write_text("".join(f"digit{c}\n" for c in known))
