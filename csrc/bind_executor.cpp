@@ -99,6 +99,8 @@ void bind_executor(py::module_& m) {
         .def("outputs", [](const nm::Session& s) { return describe(s.outputs()); }, "[(name, dtype, shape)], -1 = free")
         .def("run", &run, py::arg("feeds"), py::arg("outputs") = std::vector<std::string>{},
              "Run on {name: float32 array}; returns the requested outputs (all when empty) in order.")
+        .def("inputs_needed", &nm::Session::inputs_needed, py::arg("output"),
+             "The graph inputs an output depends on, in input order.")
         .def("describe_kernels", &nm::Session::describe_kernels, "One line per E-layer: node, op, kernel.");
     m.def("cpu_features", &nm::cpu_features, "Instruction-set features of this CPU the kernels use.");
 }

@@ -258,6 +258,29 @@ def test_cli_pack_and_run(merged, tmp_path):
     assert cli.main is not None  # the runtime commands reuse neuralmerge.cli's error convention
 
 
+def test_cli_run_computes_the_outputs_its_inputs_feed(merged, tmp_path):
+    """`neuralmerge run merged.onnx --input m0.input=xa.npy` (the runtime issue's example) runs task 0."""
+    onnx.save(merged["lenet_pair"], tmp_path / "m.onnx")
+    feeds = feeds_for(merged["lenet_pair"], 2)
+    np.save(tmp_path / "x.npy", feeds["m0.input"])
+    session = Session(str(tmp_path / "m.onnx"))
+    assert session.inputs_needed("m0.logits") == ["m0.input"]
+    assert session.inputs_needed("m1.logits") == ["m1.input"]
+    with pytest.raises(FeedError, match=r"no output named 'nope' \(outputs: m0.logits, m1.logits\)"):
+        session.inputs_needed("nope")
+    runner = CliRunner()
+    result = runner.invoke(run_cmd, [str(tmp_path / "m.onnx"), "--input", f"m0.input={tmp_path / 'x.npy'}",
+                                     "-o", str(tmp_path / "out.npz")])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "out.npz") as out:
+        assert list(out) == ["m0.logits"]
+        np.testing.assert_allclose(out["m0.logits"], session.run(feeds, outputs=["m0.logits"])["m0.logits"])
+    result = runner.invoke(run_cmd, [str(tmp_path / "m.onnx"), "-o", str(tmp_path / "none.npz")])
+    assert result.exit_code == 1
+    assert result.output == "error: the given inputs compute no output: m0.logits needs m0.input (--input NAME=FILE.npy)\n"
+    assert not (tmp_path / "none.npz").exists()
+
+
 def test_calibrated_int8_ranges_are_used_as_quantisation_steps(tmp_path):
     """Calibration records each E-layer's largest |input| (neuralmerge.int8_scales); the runtime must
     turn it into a quantisation step. Reading the range as the step quantised every activation to

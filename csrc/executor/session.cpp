@@ -209,6 +209,30 @@ class SessionImpl {
         return execute(*found->second, data);
     }
 
+    // The graph inputs `output` depends on, in input order: a walk back from it over the nodes.
+    std::vector<std::string> inputs_needed(const std::string& output) const {
+        const auto found = std::find_if(model_->outputs.begin(), model_->outputs.end(),
+                                        [&](const TensorInfo& info) { return info.name == output; });
+        if (found == model_->outputs.end()) {
+            throw InputError("no output named '" + output + "' (outputs: " + names(model_->outputs) + ")");
+        }
+        std::vector<bool> needed(values_.size(), false);
+        needed[values_.at(output)] = true;
+        for (size_t n = ops_.size(); n-- > 0;) {
+            bool used = false;
+            for (int id : node_outputs_[n]) used |= id != kNoValue && needed[id];
+            if (!used) continue;
+            for (int id : node_inputs_[n]) {
+                if (id != kNoValue) needed[id] = true;
+            }
+        }
+        std::vector<std::string> inputs;
+        for (size_t i = 0; i < input_ids_.size(); ++i) {
+            if (needed[input_ids_[i]]) inputs.push_back(model_->inputs[i].name);
+        }
+        return inputs;
+    }
+
     std::vector<std::string> describe_kernels() const {
         std::vector<std::string> lines;
         for (const auto& op : ops_) {
@@ -600,5 +624,8 @@ std::vector<Tensor> Session::run(const std::vector<std::pair<std::string, Tensor
     return impl_->run(feeds, output_names);
 }
 std::vector<std::string> Session::describe_kernels() const { return impl_->describe_kernels(); }
+std::vector<std::string> Session::inputs_needed(const std::string& output) const {
+    return impl_->inputs_needed(output);
+}
 
 }  // namespace neuralmerge

@@ -36,7 +36,8 @@ def _read_feeds(values: tuple[str, ...]) -> dict[str, np.ndarray]:
 @click.command("run")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="A feed (repeatable).")
-@click.option("--output", "outputs", multiple=True, metavar="NAME", help="Compute only these outputs (repeatable).")
+@click.option("--output", "outputs", multiple=True, metavar="NAME",
+              help="Compute only these outputs (repeatable; default: every output the given inputs compute).")
 @click.option("--lut", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="Lookup-table precision of the encoded layers (fp32 is exact).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True)
@@ -49,7 +50,8 @@ def run_cmd(model, inputs, outputs, lut, threads, out_path, force):
     from neuralmerge.runtime import Session
 
     session = Session(model, lut=lut, threads=threads)
-    results = session.run(_read_feeds(inputs), outputs=list(outputs) or None)
+    feeds = _read_feeds(inputs)
+    results = session.run(feeds, outputs=list(outputs) or _computable_outputs(session, feeds))
     if out_path:
         buffer = io.BytesIO()
         np.savez(buffer, **results)
@@ -59,6 +61,17 @@ def run_cmd(model, inputs, outputs, lut, threads, out_path, force):
         if array.ndim == 2:
             line += f", top-1 {array.argmax(axis=1).tolist()}"
         click.echo(line)
+
+
+def _computable_outputs(session, feeds: dict) -> list[str]:
+    """The outputs whose inputs are all fed: a merged model's tasks run from their own inputs alone."""
+    outputs = [spec.name for spec in session.outputs]
+    computable = [name for name in outputs if set(session.inputs_needed(name)) <= set(feeds)]
+    if not computable:
+        first = outputs[0]
+        raise ConfigError(f"the given inputs compute no output: {first} needs "
+                          f"{', '.join(session.inputs_needed(first))} (--input NAME=FILE.npy)")
+    return computable
 
 
 @click.command("pack")

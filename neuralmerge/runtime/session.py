@@ -93,6 +93,13 @@ class Session:
             raise ModelError(str(exc)) from None
         return dict(zip(names, results))
 
+    def inputs_needed(self, output: str) -> list[str]:
+        """The graph inputs ``output`` depends on: the feeds :meth:`run` needs for it alone."""
+        try:
+            return list(self._native.inputs_needed(output))
+        except self._lib.InputError as exc:
+            raise FeedError(str(exc)) from None
+
     def kernels(self) -> list[str]:
         """One line per encoded layer: node name, op and the kernel the runtime chose."""
         return list(self._native.describe_kernels())

@@ -86,6 +86,10 @@ class Session {
     std::vector<Tensor> run(const std::vector<std::pair<std::string, TensorView>>& feeds,
                             const std::vector<std::string>& output_names = {});
 
+    /// The graph inputs an output depends on (the feeds a run of that output alone needs), in
+    /// input order; throws InputError for an unknown output name.
+    std::vector<std::string> inputs_needed(const std::string& output) const;
+
     /// One line per E-layer: node name, kind and the kernel chosen for it.
     std::vector<std::string> describe_kernels() const;
 
