@@ -1,0 +1,64 @@
+"""examples/cpp builds as its README says and runs a packed merged model without Python, matching Session.
+
+The build directory (build/example in the checkout, git-ignored) is kept between runs: it compiles
+the library once (~1 min on 2 cores), incrementally after.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import neuralmerge
+from hetero_models import hetero_pair
+from neuralmerge.runtime import Session, pack_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def example_build() -> Path:
+    build = ROOT / "build" / "example"
+    subprocess.run(["cmake", "-S", str(ROOT / "examples" / "cpp"), "-B", str(build), "-G", "Ninja",
+                    f"-DPython_EXECUTABLE={sys.executable}"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build)], check=True, capture_output=True)
+    return build
+
+
+def test_run_model_matches_the_python_session(example_build, tmp_path):
+    a, b = hetero_pair(tmp_path)
+    merged = neuralmerge.merge([a, b], r=4, codewords=16, quiet=True).model
+    (tmp_path / "m.nmpack").write_bytes(pack_model(merged))
+    session = Session(str(tmp_path / "m.nmpack"), lut="int8")
+    spec = session.inputs[1]
+    x = np.random.default_rng(0).standard_normal([1 if d is None else d for d in spec.shape]).astype(np.float32)
+    x.tofile(tmp_path / "x.f32")
+    output = session.outputs[1].name
+    want = session.run({spec.name: x}, outputs=[output])[output]
+
+    done = subprocess.run([str(example_build / "run_model"), str(tmp_path / "m.nmpack"), "--lut", "int8",
+                           "--output", output, f"{spec.name}={tmp_path / 'x.f32'}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    match = re.fullmatch(rf"{re.escape(output)}: ([0-9x]+), arg-max (\d+) \((-?[0-9.]+)\)\n", done.stdout)
+    assert match, done.stdout
+    assert match[1] == "x".join(map(str, want.shape))
+    assert int(match[2]) == int(want.argmax()) and abs(float(match[3]) - float(want.max())) < 1e-3
+
+
+def test_run_model_refuses_a_bad_file_in_one_line(example_build, tmp_path):
+    (tmp_path / "bad.nmpack").write_bytes(b"NMPACK01 but nothing after")
+    done = subprocess.run([str(example_build / "run_model"), str(tmp_path / "bad.nmpack")], capture_output=True,
+                          text=True)
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
+
+
+def test_econv_demo_matches_its_dense_reference(example_build):
+    done = subprocess.run([str(example_build / "econv_demo")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    error = float(re.search(r"max \|LUT - direct\| = ([0-9.e+-]+)", done.stdout)[1])
+    assert error < 1e-5
+    assert "bad code rejected" in done.stdout
