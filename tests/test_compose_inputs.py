@@ -80,6 +80,9 @@ def test_config_errors_are_one_line_config_errors(tmp_path):
         prepare_pool(load_pool(tmp_path / "empty"), None, (1, 8, 8), "teacher t")
     with pytest.raises(CompositionError, match="no such file or folder"):
         load_pool(tmp_path / "nowhere.npy")
+    with pytest.raises(ConfigError, match=r"the student has no fixed input size to read the images at; give one with "
+                                          r"resize: \[height, width\] in its config section"):
+        prepare_pool(tmp_path / "empty", {"channels": 1}, None, "the student")
 
 
 def _tiny(classes: int) -> nn.Module:

@@ -100,6 +100,9 @@ def prepare_pool(pool: np.ndarray | Path, preprocess: dict | None, shape: tuple 
         raise ConfigError(f"{who} takes {shape[1]}×{shape[2]} inputs but its preprocess resizes to "
                           f"{pre['resize'][0]}×{pre['resize'][1]}")
     if isinstance(pool, Path):
+        if shape is None and "resize" not in pre:
+            raise ConfigError(f"{who} has no fixed input size to read the images at; give one with resize: "
+                              f"[height, width] in its config section")
         from neuralmerge.calibrate.data import load_image_folder
         from neuralmerge.graph.normalize import TensorSpec
 
