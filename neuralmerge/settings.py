@@ -204,7 +204,8 @@ _TOP_KEYS = {"preset", "defaults", "layers", "compress_heads", "codebook_dtype",
 _LAYER_KEYS = {"r", "codewords", "skip"}
 
 
-def _parse_config(config: str | Path | dict) -> MergeConfig:
+def load_config_mapping(config: str | Path | dict, allowed: set[str] | tuple[str, ...]) -> tuple[dict, str]:
+    """(the mapping, its name for messages) of a YAML config path or a dict, with only ``allowed`` keys."""
     if isinstance(config, dict):
         data, source = config, "config"
     else:
@@ -219,9 +220,15 @@ def _parse_config(config: str | Path | dict) -> MergeConfig:
         data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a mapping")
-    unknown = sorted(set(data) - _TOP_KEYS)
+    unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(_TOP_KEYS))})")
+        listed = allowed if isinstance(allowed, tuple) else sorted(allowed)
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r} (allowed: {', '.join(listed)})")
+    return data, source
+
+
+def _parse_config(config: str | Path | dict) -> MergeConfig:
+    data, source = load_config_mapping(config, _TOP_KEYS)
     cfg = MergeConfig(source=source)
     if "preset" in data:
         cfg.preset = str(data["preset"])

@@ -216,16 +216,8 @@ class SessionImpl {
         if (found == model_->outputs.end()) {
             throw InputError("no output named '" + output + "' (outputs: " + names(model_->outputs) + ")");
         }
-        std::vector<bool> needed(values_.size(), false);
-        needed[values_.at(output)] = true;
-        for (size_t n = ops_.size(); n-- > 0;) {
-            bool used = false;
-            for (int id : node_outputs_[n]) used |= id != kNoValue && needed[id];
-            if (!used) continue;
-            for (int id : node_inputs_[n]) {
-                if (id != kNoValue) needed[id] = true;
-            }
-        }
+        std::vector<bool> needed, needed_node;
+        walk_back({values_.at(output)}, needed, needed_node);
         std::vector<std::string> inputs;
         for (size_t i = 0; i < input_ids_.size(); ++i) {
             if (needed[input_ids_[i]]) inputs.push_back(model_->inputs[i].name);
@@ -277,18 +269,14 @@ class SessionImpl {
         return id;
     }
 
-    std::unique_ptr<Plan> make_plan(const std::vector<int>& wanted, const std::vector<Dims>& shapes, const std::vector<bool>& fed) {
-        const size_t value_count = values_.size(), node_count = ops_.size();
-        std::vector<int> producer(value_count, -1);
-        for (size_t n = 0; n < node_count; ++n) {
-            for (int id : node_outputs_[n]) {
-                if (id != kNoValue) producer[id] = static_cast<int>(n);
-            }
-        }
-        // Nodes the requested outputs depend on.
-        std::vector<bool> needed_value(value_count, false), needed_node(node_count, false);
+    // The values and nodes the `wanted` values depend on: a walk back over the nodes (file order is
+    // topological).
+    void walk_back(const std::vector<int>& wanted, std::vector<bool>& needed_value,
+                   std::vector<bool>& needed_node) const {
+        needed_value.assign(values_.size(), false);
+        needed_node.assign(ops_.size(), false);
         for (int id : wanted) needed_value[id] = true;
-        for (size_t n = node_count; n-- > 0;) {
+        for (size_t n = ops_.size(); n-- > 0;) {
             bool used = false;
             for (int id : node_outputs_[n]) used |= id != kNoValue && needed_value[id];
             if (!used) continue;
@@ -297,6 +285,18 @@ class SessionImpl {
                 if (id != kNoValue) needed_value[id] = true;
             }
         }
+    }
+
+    std::unique_ptr<Plan> make_plan(const std::vector<int>& wanted, const std::vector<Dims>& shapes, const std::vector<bool>& fed) {
+        const size_t value_count = values_.size(), node_count = ops_.size();
+        std::vector<int> producer(value_count, -1);
+        for (size_t n = 0; n < node_count; ++n) {
+            for (int id : node_outputs_[n]) {
+                if (id != kNoValue) producer[id] = static_cast<int>(n);
+            }
+        }
+        std::vector<bool> needed_value, needed_node;
+        walk_back(wanted, needed_value, needed_node);
 
         auto plan = std::make_unique<Plan>();
         plan->infos.resize(value_count);

@@ -33,25 +33,6 @@ def read_class_file(path: str) -> list[str]:
     return names
 
 
-def read_array_file(path: str, keys: tuple[str, ...]) -> dict[str, Any]:
-    """Arrays from a ``.npy`` (the first key) or ``.npz`` file (every key must be present)."""
-    import numpy as np
-
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise CompositionError(f"{path}: cannot read as .npy/.npz ({str(exc).splitlines()[0][:200]})") from None
-    if isinstance(loaded, np.ndarray):
-        if len(keys) > 1:
-            raise CompositionError(f"{path}: expected an .npz file with arrays {', '.join(keys)}")
-        return {keys[0]: loaded}
-    with loaded:
-        missing = [k for k in keys if k not in loaded.files]
-        if missing:
-            raise CompositionError(f"{path}: no array '{missing[0]}' (found {', '.join(loaded.files) or 'none'})")
-        return {k: loaded[k] for k in keys}
-
-
 @click.argument("teachers", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--classes", "class_files", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="A teacher's class names, one per line in output order; once per teacher, same order.")
@@ -136,7 +117,7 @@ def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled
     if len(class_files) != len(teacher_paths):
         raise CompositionError(f"got {len(teacher_paths)} teachers but {len(class_files)} --classes files")
     classes = [read_class_file(path) for path in class_files]
-    from neuralmerge.compose.inputs import load_pool, pool_inputs, read_input_config
+    from neuralmerge.compose.inputs import load_pool, pool_inputs, read_array_file, read_input_config
 
     config = read_input_config(config_path)
     pool = load_pool(unlabeled)

@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import yaml
 
 from neuralmerge.compose import CompositionError
 from neuralmerge.errors import ConfigError
-from neuralmerge.settings import check_preprocess, parse_preprocess
+from neuralmerge.settings import check_preprocess, load_config_mapping, parse_preprocess
 
 if TYPE_CHECKING:  # pragma: no cover
     from neuralmerge.compose.teachers import Teacher
@@ -51,23 +50,26 @@ def read_input_config(config: str | os.PathLike | dict | None) -> InputConfig:
     """Parse and check a compose config (a YAML path or a dict); None gives the empty config."""
     if config is None:
         return InputConfig()
-    if isinstance(config, dict):
-        data, source = config, "config"
-    else:
-        source, path = str(config), Path(config)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the config must be a mapping")
-    unknown = sorted(set(data) - set(_CONFIG_KEYS))
-    if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r} (allowed: {', '.join(_CONFIG_KEYS)})")
+    data, source = load_config_mapping(config, _CONFIG_KEYS)
     preprocess = parse_preprocess(data.get("preprocess"), source, per="teacher")
     return InputConfig(preprocess, check_preprocess(data.get("student"), f"{source}: student"), source)
+
+
+def read_array_file(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Arrays from a ``.npy`` (the first key) or ``.npz`` file (every key must be present)."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise CompositionError(f"{path}: cannot read as .npy/.npz ({str(exc).splitlines()[0][:200]})") from None
+    if isinstance(loaded, np.ndarray):
+        if len(keys) > 1:
+            raise CompositionError(f"{path}: expected an .npz file with arrays {', '.join(keys)}")
+        return {keys[0]: loaded}
+    with loaded:
+        missing = [k for k in keys if k not in loaded.files]
+        if missing:
+            raise CompositionError(f"{path}: no array '{missing[0]}' (found {', '.join(loaded.files) or 'none'})")
+        return {k: loaded[k] for k in keys}
 
 
 def load_pool(path: str | os.PathLike) -> np.ndarray | Path:
@@ -77,17 +79,7 @@ def load_pool(path: str | os.PathLike) -> np.ndarray | Path:
         return path
     if not path.is_file():
         raise CompositionError(f"--unlabeled {path}: no such file or folder")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise CompositionError(f"--unlabeled {path}: cannot read as .npy/.npz "
-                               f"({str(exc).splitlines()[0][:200]})") from None
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    with loaded:
-        if "x" not in loaded.files:
-            raise CompositionError(f"--unlabeled {path}: no array 'x' (found {', '.join(loaded.files) or 'none'})")
-        return loaded["x"]
+    return read_array_file(path, ("x",))["x"]
 
 
 def prepare_pool(pool: np.ndarray | Path, preprocess: dict | None, shape: tuple | None, who: str) -> np.ndarray:
@@ -120,9 +112,9 @@ def prepare_pool(pool: np.ndarray | Path, preprocess: dict | None, shape: tuple 
 
 def _transform_array(x: np.ndarray, pre: dict, shape: tuple | None, who: str) -> np.ndarray:
     """Channels, size and normalisation of an N×C×H×W array pool (scale defaults to 1: arrays hold values)."""
-    want_channels = pre.get("channels", shape[0] if shape is not None and len(shape) == 3 else None)
-    want_size = tuple(pre["resize"]) if "resize" in pre else (tuple(shape[1:]) if shape is not None and len(shape) == 3
-                                                               else None)
+    image = tuple(shape) if shape is not None and len(shape) == 3 else None  # a declared C×H×W input
+    want_channels = pre.get("channels", image[0] if image else None)
+    want_size = tuple(pre["resize"]) if "resize" in pre else (image[1:] if image else None)
     if (want_channels is not None or want_size is not None) and x.ndim != 4:
         raise CompositionError(f"{who}: resizing and channel conversion need an N×C×H×W pool, got shape "
                                f"{list(x.shape)}")
@@ -173,11 +165,11 @@ def pool_inputs(pool: np.ndarray | Path, teachers: Sequence["Teacher"], config: 
         if isinstance(pool, Path) and "channels" not in student and len(channels) == 1:
             student["channels"] = channels.pop()  # images: the teachers' channels, not Pillow's RGB default
         return prepare_pool(pool, student, None, "the student"), teacher_inputs
-    if len(prepared) > 1 and any(x.shape[1:] != teacher_inputs[0].shape[1:] for x in teacher_inputs):
+    if len(prepared) == 1:
+        return teacher_inputs[0], teacher_inputs
+    if any(x.shape[1:] != teacher_inputs[0].shape[1:] for x in teacher_inputs):
         shapes = ", ".join(f"{list(x.shape[1:])} for {t.name}" for t, x in zip(teachers, teacher_inputs))
         raise ConfigError(f"the teachers take different inputs ({shapes}); say what the student takes in the "
                           f"config's 'student:' section")
-    if len(prepared) > 1:
-        raise ConfigError("the teachers' inputs are prepared differently; say what the student takes in the "
-                          "config's 'student:' section")
-    return teacher_inputs[0], teacher_inputs
+    raise ConfigError("the teachers' inputs are prepared differently; say what the student takes in the "
+                      "config's 'student:' section")
