@@ -65,9 +65,13 @@ def fc_cases():
         rng = np.random.default_rng(len(name) + 100)
         codebook, codes, offsets = random_encoding(rng, (n_out,), n_in, r, codewords, code_dtype)
         bias = rng.standard_normal(n_out).astype(np.float32)
-        x = rng.standard_normal((2, n_in)).astype(np.float32)
-        cases[name] = ((codebook, codes, offsets, n_in, bias),
-                       x, x.astype(np.float64) @ decode_weight(codebook, codes, offsets, n_in).T + bias)
+        weight = decode_weight(codebook, codes, offsets, n_in)
+        layer = (codebook, codes, offsets, n_in, bias)
+        # Signed inputs and ReLU'd ones: the int8 VNNI build quantises them differently (a zero
+        # point of 128 against all 256 levels).
+        for sign, x in (("", rng.standard_normal((2, n_in))), ("-relu", np.maximum(rng.standard_normal((2, n_in)), 0))):
+            x = x.astype(np.float32)
+            cases[name + sign] = (layer, x, x.astype(np.float64) @ weight.T + bias)
     return cases
 
 

@@ -233,6 +233,11 @@ void fc_gather_i8(const int8_t* table, const int32_t* base, const uint8_t* codes
     }
 }
 
+// E-FC data is streamed once per call and, between calls, often leaves the caches: prefetch
+// this many segments (table build) or 64-byte code rows (sums) ahead.
+constexpr int64_t kFcPrefetchSegments = 4;
+constexpr int64_t kFcPrefetchCodes = 16;
+
 // Per segment, vpermi2b looks up 64 outputs' codes in the segment's 128-entry int8 table (two
 // registers); vpmaddubsw with 0/1 selectors widens even and odd bytes to int16 sums, which are
 // spilled to int32 before they could overflow.
@@ -246,6 +251,8 @@ void fc_permute_i8(const int8_t* table, const uint8_t* codes, int64_t rho, int64
             __m512i even16 = _mm512_setzero_si512(), odd16 = _mm512_setzero_si512();
             const int64_t end = std::min(rho, v0 + kInt8ChunkTerms);
             for (int64_t v = v0; v < end; ++v) {
+                _mm_prefetch(reinterpret_cast<const char*>(codes + (b * rho + v + kFcPrefetchCodes) * kFcBlock),
+                             _MM_HINT_T0);
                 const __m512i index = _mm512_loadu_si512(codes + (b * rho + v) * kFcBlock);
                 const __m512i low = _mm512_loadu_si512(table + v * 128), high = _mm512_loadu_si512(table + v * 128 + 64);
                 const __m512i values = _mm512_permutex2var_epi8(low, index, high);
@@ -265,6 +272,87 @@ void fc_permute_i8(const int8_t* table, const uint8_t* codes, int64_t rho, int64
             out[b * kFcBlock + 2 * j] = even[j];
             out[b * kFcBlock + 2 * j + 1] = odd[j];
         }
+    }
+}
+
+// int8 E-FC table build from uint8 inputs and int8 codewords (VNNI). fp32 FMAs on the int8
+// codebook needed two conversions per 16 entries and k, and were half of an int8 FC layer's
+// time; one vpdpbusd here does four k at once. NV blocks of 16 codewords per pass keep NV
+// independent accumulator chains in flight.
+template <int NV>
+inline __m512i fc_table_u8s8_block(const int8_t* segment, int64_t rows, int64_t r4, const uint8_t* x,
+                                   const int32_t* correction, int32_t* out, __m512i largest) {
+    __m512i acc[NV];
+    for (int i = 0; i < NV; ++i) {
+        acc[i] = correction ? _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(correction + 16 * i))
+                            : _mm512_setzero_si512();
+    }
+    for (int64_t k = 0; k < r4; k += 4) {
+        int32_t quad;
+        std::memcpy(&quad, x + k, sizeof quad);
+        const __m512i inputs = _mm512_set1_epi32(quad);
+        const int8_t* column = segment + k * rows;  // [k/4][rows][4]
+        for (int i = 0; i < NV; ++i) {
+            acc[i] = _mm512_dpbusd_epi32(acc[i], inputs, _mm512_loadu_si512(column + 64 * i));
+        }
+    }
+    for (int i = 0; i < NV; ++i) {
+        _mm512_storeu_si512(out + 16 * i, acc[i]);
+        largest = _mm512_max_epi32(largest, _mm512_abs_epi32(acc[i]));
+    }
+    return largest;
+}
+
+void fc_table_u8s8(const int8_t* codebook, const int32_t* first, const int32_t* rows, int64_t rho, int64_t r4,
+                   const uint8_t* x, const int32_t* correction, int32_t* table, int32_t* largest) {
+    for (int64_t v = 0; v < rho; ++v) {
+        const int64_t n = rows[v];
+        const int8_t* segment = codebook + static_cast<int64_t>(first[v]) * r4;
+        const int32_t* fix = correction ? correction + first[v] : nullptr;
+        int32_t* out = table + first[v];
+        if (v + kFcPrefetchSegments < rho) {
+            const int8_t* later = codebook + static_cast<int64_t>(first[v + kFcPrefetchSegments]) * r4;
+            for (int64_t i = 0; i < rows[v + kFcPrefetchSegments] * r4; i += 64) {
+                _mm_prefetch(reinterpret_cast<const char*>(later + i), _MM_HINT_T0);
+            }
+        }
+        __m512i most = _mm512_setzero_si512();
+        int64_t c = 0;
+        for (; c + 64 <= n; c += 64) {
+            most = fc_table_u8s8_block<4>(segment + 4 * c, n, r4, x + v * r4, fix ? fix + c : nullptr, out + c, most);
+        }
+        for (; c < n; c += 16) {
+            most = fc_table_u8s8_block<1>(segment + 4 * c, n, r4, x + v * r4, fix ? fix + c : nullptr, out + c, most);
+        }
+        largest[v] = _mm512_reduce_max_epi32(most);
+    }
+}
+
+void quantise_u8(const float* src, int64_t n, float inv_scale, float low, float high, float zero, uint8_t* dst) {
+    const __m512 inv = _mm512_set1_ps(inv_scale), lo = _mm512_set1_ps(low), hi = _mm512_set1_ps(high);
+    const __m512 offset = _mm512_set1_ps(zero);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 scaled = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(src + i), inv), lo), hi);
+        const __m512 rounded =
+            _mm512_add_ps(_mm512_roundscale_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), offset);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(rounded)));
+    }
+    for (; i < n; ++i) {
+        dst[i] = static_cast<uint8_t>(std::nearbyint(std::clamp(src[i] * inv_scale, low, high)) + zero);
+    }
+}
+
+void requantise_i8(const int32_t* src, int64_t n, float factor, int8_t* dst) {
+    const __m512 f = _mm512_set1_ps(factor), limit = _mm512_set1_ps(127.0f);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(src + i)), f);
+        const __m512i level = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(scaled, limit), -limit));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtsepi32_epi8(level));
+    }
+    for (; i < n; ++i) {
+        dst[i] = static_cast<int8_t>(std::nearbyint(std::clamp(static_cast<float>(src[i]) * factor, -127.0f, 127.0f)));
     }
 }
 
@@ -465,6 +553,9 @@ const KernelTable kAvx512 = {
     fc_gather_f32,
     fc_gather_i8,
     fc_permute_i8,
+    fc_table_u8s8,
+    quantise_u8,
+    requantise_i8,
     conv_table<float>,
     conv_table<uint16_t>,
     conv_table<int16_t>,

@@ -103,6 +103,9 @@ const KernelTable kScalar = {
     fc_gather<float, float>,
     fc_gather<int8_t, int32_t>,
     nullptr,  // no byte permute (needs AVX-512 VBMI)
+    nullptr,  // E-FC tables: fp32 FMAs on the int8 codebook, no VNNI build
+    nullptr,
+    nullptr,
     nullptr,  // E-Conv tables: sgemm + narrowing, no VNNI build
     nullptr,
     nullptr,
