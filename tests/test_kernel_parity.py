@@ -115,11 +115,23 @@ def test_int8_input_scale_sets_the_activation_quantisation():
     expected = conv2d_reference(x, weight, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1)
     layer_args = (codebook, codes, offsets, 12, bias, (1, 1), (1, 1, 1, 1))
     per_call = EConv(*layer_args, lut="int8", isa="avx512")(x)
-    # The per-call scale of a ReLU'd input is max / 255; passing it as calibrated changes nothing.
-    same = EConv(*layer_args, lut="int8", isa="avx512", input_scale=float(np.float32(x.max()) / np.float32(255)))(x)
-    np.testing.assert_array_equal(same, per_call)
+    # A calibrated step is largest |input| / 127, and a ReLU'd input spreads that range over all
+    # 255 levels: the input's own max / 127 reproduces the per-call quantisation (step max / 255).
+    same = EConv(*layer_args, lut="int8", isa="avx512", input_scale=float(np.float32(x.max()) / np.float32(127)))(x)
+    np.testing.assert_allclose(same, per_call, rtol=0, atol=1e-6 * float(np.abs(per_call).max()))
     # A scale 8x too small saturates the large activations, and the error shows it.
-    clipped = EConv(*layer_args, lut="int8", isa="avx512", input_scale=float(x.max()) / 255 / 8)(x)
+    clipped = EConv(*layer_args, lut="int8", isa="avx512", input_scale=float(x.max()) / 127 / 8)(x)
+    assert relative_rms(per_call, expected) <= TOLERANCE["int8"] < relative_rms(clipped, expected)
+
+
+@pytest.mark.skipif("avx512" not in ISAS, reason="the quantised-activation (VNNI) int8 build needs AVX-512 VNNI")
+def test_int8_fc_input_scale_sets_the_activation_quantisation(fc_cases):
+    layer_args, x, expected = fc_cases["byte-permute-relu"]
+    x, expected = x[:1], expected[:1]  # one row: one per-call range
+    per_call = EGemm(*layer_args, lut="int8", isa="avx512")(x)
+    same = EGemm(*layer_args, lut="int8", isa="avx512", input_scale=float(np.float32(x.max()) / np.float32(127)))(x)
+    np.testing.assert_allclose(same, per_call, rtol=0, atol=1e-6 * float(np.abs(per_call).max()))
+    clipped = EGemm(*layer_args, lut="int8", isa="avx512", input_scale=float(x.max()) / 127 / 8)(x)
     assert relative_rms(per_call, expected) <= TOLERANCE["int8"] < relative_rms(clipped, expected)
 
 

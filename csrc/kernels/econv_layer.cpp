@@ -393,7 +393,8 @@ QuantisedInput EConvLayer::Impl::quantise_input(const ConvPlan& p, const float* 
     QuantisedInput q;
     q.offset = low < 0.0f;
     const float range = q.offset ? std::max(-low, high) / 127.0f : high / 255.0f;
-    q.scale = options.input_scale > 0.0f ? options.input_scale : (range > 0.0f && std::isfinite(range) ? range : 1.0f);
+    q.scale = options.input_scale > 0.0f ? detail::calibrated_step(options.input_scale, q.offset)
+                                         : (range > 0.0f && std::isfinite(range) ? range : 1.0f);
     const int64_t plane = slots * p.plane_stride;
     for (int64_t v = 0; v < rho; ++v) {
         const int64_t used = std::min(r, depth - v * r);

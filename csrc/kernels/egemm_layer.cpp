@@ -57,6 +57,7 @@ struct EGemmLayer::Impl {
     std::vector<int32_t> vnni_rows, vnni_first;  // per segment: rows rounded up to 16, first row
     std::vector<int8_t> codebook_vnni;   // per segment [r4/4][vnni_rows][4], zero-padded
     std::vector<int32_t> codeword_sum;   // per padded row: 128 x sum of the int8 codeword
+    float input_scale = 0.0f;            // calibrated int8 activation step, 0 = this row's range
     std::vector<uint8_t> codes8;         // [blocks][rho][64]
     std::vector<uint16_t> codes16;
     std::vector<float> bias;
@@ -104,6 +105,7 @@ EGemmLayer::EGemmLayer(const EncodedWeight& weight, const LutOptions& opt) : imp
             break;
     }
     if (m.vnni) {
+        m.input_scale = opt.input_scale;
         m.r4 = (m.r + 3) / 4 * 4;
         int64_t padded = 0;
         for (int64_t v = 0; v < m.rho; ++v) {
@@ -206,14 +208,13 @@ float EGemmLayer::Impl::int8_table(const float* x, FcScratch& s) const {
         return scale;
     }
     // The input as uint8 (zero point 0 when x >= 0, as after a ReLU; else 128, corrected by the
-    // codeword sums), the same scheme as the int8 E-Conv build, but always on this row's range:
-    // one row costs little to scan, and on the demo pair a calibrated scale (the largest input
-    // seen) cost int8 agreement (sound20 99.7% -> 99.4%).
+    // codeword sums), the same scheme as the int8 E-Conv build.
     float low = 0.0f, high = 0.0f;
     k.min_max(x, in_features, &low, &high);
     const bool offset = low < 0.0f;
     const float range = offset ? std::max(-low, high) / 127.0f : high / 255.0f;
-    const float x_step = range > 0.0f && std::isfinite(range) ? range : 1.0f;
+    const float x_step = input_scale > 0.0f ? detail::calibrated_step(input_scale, offset)
+                                            : (range > 0.0f && std::isfinite(range) ? range : 1.0f);
     uint8_t* x_u8 = at_least(s.x_u8, rho * r4);
     const float lo = offset ? -127.0f : 0.0f, hi = offset ? 127.0f : 255.0f, zero = offset ? 128.0f : 0.0f;
     if (r4 == r) {

@@ -72,6 +72,13 @@ using ConvTableU8S8Fn = void (*)(const int8_t* codebook, int64_t rows, int64_t r
                                  int64_t x_stride, int64_t ld, const int32_t* correction, float requant,
                                  uint8_t* out);
 
+/// The uint8 activation step from a calibrated int8 step (LutOptions::input_scale): inputs with
+/// negative values use it with a zero point of 128; inputs >= 0 spread the same range
+/// (127 steps) over all 255 levels.
+inline float calibrated_step(float input_scale, bool has_negatives) {
+    return has_negatives ? input_scale : input_scale * (127.0f / 255.0f);
+}
+
 struct KernelTable {
     const char* isa;  ///< "avx512", "avx2" or "scalar": the suffix of kernel names
     AccumulateFn<float> accumulate_f32;

@@ -156,9 +156,10 @@ class EConv:
 
     Arrays as in :func:`econv` (a float16 codebook stays float16 until C++ widens it);
     ``lut`` is the table precision (``"fp32"`` exact, ``"fp16"``, ``"int16"``, ``"int8"``);
-    ``threads`` splits output rows; ``input_scale`` is a calibrated int8 activation scale
-    (0 = each input's range), used where the int8 table is built from 8-bit activations
-    (AVX-512 VNNI); ``segment_codewords`` gives C_v per segment;
+    ``threads`` splits output rows; ``input_scale`` is a calibrated int8 activation step
+    (largest |input| / 127; inputs >= 0 spread that range over all 255 uint8 levels; 0 = each
+    input's own range), used where the int8 table is built from 8-bit activations (AVX-512
+    VNNI); ``segment_codewords`` gives C_v per segment;
     ``isa`` forces an instruction set (default: :func:`set_isa`'s). Validates everything once.
     """
 

@@ -91,10 +91,12 @@ enum class LutIsa { kAuto, kAvx512, kAvx2, kScalar };
 struct LutOptions {
     LutPrecision precision = LutPrecision::kFp32;
     int threads = 1;            ///< E-Conv: threads splitting strips of output rows; E-FC: unused
-    /// int8 E-Conv only: fixed activation scale from calibration (x ~ input_scale * q, q uint8
-    /// for inputs >= 0, else int8); 0 = this input's range. Used where the table is built from
-    /// quantised activations (AVX-512 VNNI); the other int8 kernels build the table in fp32 and
-    /// narrow it, so they validate this value but do not need it.
+    /// int8: fixed activation step from calibration (largest |input| / 127: x ~ input_scale * q
+    /// with q int8 for inputs with negative values; inputs >= 0 use steps of input_scale *
+    /// 127/255, the same range over all uint8 levels); 0 = this input's range. Used where the
+    /// table is built from quantised activations (AVX-512 VNNI, E-Conv and E-FC); the other
+    /// int8 kernels build the table in fp32 and narrow it, so they validate this value but do
+    /// not need it.
     float input_scale = 0.f;
     LutIsa isa = LutIsa::kAuto;
 };
