@@ -29,8 +29,9 @@ constexpr int64_t kPermuteRows = 128;  // a vpermi2b table: two 64-byte register
 struct FcScratch {
     std::vector<float> table, sums, x_scaled;
     std::vector<int8_t> table_i8;
-    std::vector<int32_t> sums_i32, table_i32, largest;
+    std::vector<int32_t> sums_i32;
     std::vector<uint8_t> x_u8;
+    std::vector<float> factor;
 };
 
 template <typename T>
@@ -58,6 +59,8 @@ struct EGemmLayer::Impl {
     std::vector<int8_t> codebook_vnni;   // per segment [r4/4][vnni_rows][4], zero-padded
     std::vector<int32_t> codeword_sum;   // per padded row: 128 x sum of the int8 codeword
     float input_scale = 0.0f;            // calibrated int8 activation step, 0 = this row's range
+    std::vector<float> codeword_norm;    // per segment: largest L2 norm of its (int8-rounded) codewords
+    std::vector<int32_t> int8_first;     // per segment: first entry in the int8 table
     std::vector<uint8_t> codes8;         // [blocks][rho][64]
     std::vector<uint16_t> codes16;
     std::vector<float> bias;
@@ -148,6 +151,19 @@ EGemmLayer::EGemmLayer(const EncodedWeight& weight, const LutOptions& opt) : imp
         }
     }
 
+    if (m.vnni) {
+        m.codeword_norm.assign(m.rho, 0.0f);
+        for (int64_t v = 0; v < m.rho; ++v) {
+            for (int64_t c = 0; c < m.vnni_rows[v]; ++c) {
+                float norm2 = 0.0f;
+                for (int64_t k = 0; k < m.r4; ++k) {
+                    const float q = m.codebook_vnni[m.vnni_first[v] * m.r4 + (k / 4) * 4 * m.vnni_rows[v] + 4 * c + k % 4];
+                    norm2 += q * q;
+                }
+                m.codeword_norm[v] = std::max(m.codeword_norm[v], m.codebook_step[v] * std::sqrt(norm2));
+            }
+        }
+    }
     const bool bytes = w.code_type == CodeType::kUInt8;
     const int64_t count = m.blocks * m.rho * kFcBlock;
     if (bytes) {
@@ -170,6 +186,7 @@ EGemmLayer::EGemmLayer(const EncodedWeight& weight, const LutOptions& opt) : imp
 
     const int32_t widest = *std::max_element(m.rows.begin(), m.rows.end());
     m.permute = m.precision == LutPrecision::kInt8 && m.kernels->fc_permute_i8 && bytes && widest <= kPermuteRows;
+    for (int64_t v = 0; v < m.rho; ++v) m.int8_first.push_back(m.permute ? m.permute_base[v] : m.base[v]);
     const char* variant = m.precision == LutPrecision::kFp32  ? "fp32"
                           : m.precision == LutPrecision::kInt8 ? (m.permute ? "int8" : "int8-gather")
                                                                : "fp16-codebook";
@@ -188,11 +205,10 @@ const char* EGemmLayer::kernel_name() const { return impl_->name.c_str(); }
 // stands for scale * e).
 float EGemmLayer::Impl::int8_table(const float* x, FcScratch& s) const {
     const detail::KernelTable& k = *kernels;
-    // 4 spare bytes: the gather kernels read a 32-bit word at every table index. Entries past a
-    // segment's rows are never selected (codes < rows); resize zero-fills them, so every byte
-    // the kernels read is defined.
-    int8_t* table_i8 = at_least(s.table_i8, (permute ? rho * kPermuteRows : total_rows) + 4);
-    auto row_of = [&](int64_t v) { return table_i8 + (permute ? permute_base[v] : base[v]); };
+    // 16 spare bytes: the gather kernels read a 32-bit word at every table index, and the VNNI
+    // build writes each segment's rows rounded up to 16. Entries past a segment's rows are never
+    // selected (codes < rows); resize zero-fills them, so every byte the kernels read is defined.
+    int8_t* table_i8 = at_least(s.table_i8, (permute ? rho * kPermuteRows : total_rows) + 16);
     if (!vnni) {
         // The segment's step folds into the input: sum_k x_k * (step * entry).
         float* x_scaled = at_least(s.x_scaled, in_features);
@@ -204,7 +220,7 @@ float EGemmLayer::Impl::int8_table(const float* x, FcScratch& s) const {
         // One scale for the whole table: its largest entry maps to 127.
         const float largest = k.max_abs(table, total_rows);
         const float scale = largest > 0.0f && std::isfinite(largest) ? largest / 127.0f : 1.0f;
-        for (int64_t v = 0; v < rho; ++v) k.quantize_i8(table + base[v], rows[v], 1.0f / scale, row_of(v));
+        for (int64_t v = 0; v < rho; ++v) k.quantize_i8(table + base[v], rows[v], 1.0f / scale, table_i8 + int8_first[v]);
         return scale;
     }
     // The input as uint8 (zero point 0 when x >= 0, as after a ReLU; else 128, corrected by the
@@ -227,18 +243,22 @@ float EGemmLayer::Impl::int8_table(const float* x, FcScratch& s) const {
             std::fill(x_u8 + v * r4 + used, x_u8 + (v + 1) * r4, uint8_t{0});
         }
     }
-    int32_t* table = at_least(s.table_i32, vnni_first.back() + vnni_rows.back());
-    int32_t* largest = at_least(s.largest, rho);
-    k.fc_table_u8s8(codebook_vnni.data(), vnni_first.data(), vnni_rows.data(), rho, r4, x_u8,
-                    offset ? codeword_sum.data() : nullptr, table, largest);
-    // Entry (v, c) stands for x_step * codebook_step[v] * table; one scale maps the largest to 127.
+    // One scale for the whole table, from a bound known before the build (so the build narrows
+    // as it goes): |entry (v, c)| <= |x_v| * |codeword c| (Cauchy-Schwarz), |x_v| grown by the
+    // input's rounding. On the demo pair's FC inputs the largest entry is ~0.9 of this bound.
     float most = 0.0f;
-    for (int64_t v = 0; v < rho; ++v) most = std::max(most, static_cast<float>(largest[v]) * codebook_step[v]);
-    most *= x_step;
-    const float scale = most > 0.0f && std::isfinite(most) ? most / 127.0f : 1.0f;
     for (int64_t v = 0; v < rho; ++v) {
-        k.requantise_i8(table + vnni_first[v], rows[v], x_step * codebook_step[v] / scale, row_of(v));
+        const int64_t used = std::min(r, in_features - v * r);
+        float norm2 = 0.0f;
+        for (int64_t i = v * r; i < v * r + used; ++i) norm2 += x[i] * x[i];
+        const float norm = std::sqrt(norm2) + 0.5f * x_step * std::sqrt(static_cast<float>(used));
+        most = std::max(most, norm * codeword_norm[v]);
     }
+    const float scale = most > 0.0f && std::isfinite(most) ? most / 127.0f : 1.0f;
+    float* factor = at_least(s.factor, rho);
+    for (int64_t v = 0; v < rho; ++v) factor[v] = x_step * codebook_step[v] / scale;  // int32 sum -> int8 entry
+    k.fc_table_u8s8(codebook_vnni.data(), vnni_first.data(), vnni_rows.data(), rho, r4, x_u8,
+                    offset ? codeword_sum.data() : nullptr, factor, int8_first.data(), table_i8);
     return scale;
 }
 

@@ -221,7 +221,6 @@ const KernelTable kAvx2 = {
     nullptr,  // no byte permute (needs AVX-512 VBMI)
     nullptr,  // E-FC tables: fp32 FMAs on the int8 codebook, no VNNI build
     nullptr,
-    nullptr,
     nullptr,  // E-Conv tables: sgemm + narrowing, no VNNI build
     nullptr,
     nullptr,

@@ -275,13 +275,27 @@ void fc_permute_i8(const int8_t* table, const uint8_t* codes, int64_t rho, int64
     }
 }
 
+// 64 int32 entries (four registers, in order) narrowed to int8 with saturation into [-127, 127].
+// r is 8-16, so narrowing costs as much as the dot products: saturating packs narrow 64 entries
+// in three instructions (plus one dword permute to undo their per-lane interleave) where
+// vpmovsdb took two port-5 uops per 16.
+inline __m512i packed_bytes(const __m512i* rounded) {
+    const __m512i words01 = _mm512_packs_epi32(rounded[0], rounded[1]);
+    const __m512i words23 = _mm512_packs_epi32(rounded[2], rounded[3]);
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512i bytes = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(words01, words23));
+    return _mm512_max_epi8(bytes, _mm512_set1_epi8(-127));
+}
+
 // int8 E-FC table build from uint8 inputs and int8 codewords (VNNI). fp32 FMAs on the int8
 // codebook needed two conversions per 16 entries and k, and were half of an int8 FC layer's
-// time; one vpdpbusd here does four k at once. NV blocks of 16 codewords per pass keep NV
-// independent accumulator chains in flight.
+// time; one vpdpbusd here does four k at once. The caller's scale is a bound known before the
+// build, so entries are narrowed to int8 in registers (an int32 table and a second pass were
+// 256 KB more per call for a 4096 -> 1024 layer, and a tenth of a LeNet pair's int8 time).
+// NV blocks of 16 codewords per pass keep NV independent accumulator chains in flight.
 template <int NV>
-inline __m512i fc_table_u8s8_block(const int8_t* segment, int64_t rows, int64_t r4, const uint8_t* x,
-                                   const int32_t* correction, int32_t* out, __m512i largest) {
+inline void fc_table_u8s8_block(const int8_t* segment, int64_t rows, int64_t r4, const uint8_t* x,
+                                const int32_t* correction, __m512 factor, int8_t* out) {
     __m512i acc[NV];
     for (int i = 0; i < NV; ++i) {
         acc[i] = correction ? _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(correction + 16 * i))
@@ -296,35 +310,40 @@ inline __m512i fc_table_u8s8_block(const int8_t* segment, int64_t rows, int64_t 
             acc[i] = _mm512_dpbusd_epi32(acc[i], inputs, _mm512_loadu_si512(column + 64 * i));
         }
     }
-    for (int i = 0; i < NV; ++i) {
-        _mm512_storeu_si512(out + 16 * i, acc[i]);
-        largest = _mm512_max_epi32(largest, _mm512_abs_epi32(acc[i]));
+    __m512i rounded[NV];
+    for (int i = 0; i < NV; ++i) rounded[i] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i]), factor));
+    if constexpr (NV == 4) {
+        _mm512_storeu_si512(out, packed_bytes(rounded));
+    } else {
+        for (int i = 0; i < NV; ++i) {
+            const __m512i clamped = _mm512_max_epi32(rounded[i], _mm512_set1_epi32(-127));
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16 * i), _mm512_cvtsepi32_epi8(clamped));
+        }
     }
-    return largest;
 }
 
 void fc_table_u8s8(const int8_t* codebook, const int32_t* first, const int32_t* rows, int64_t rho, int64_t r4,
-                   const uint8_t* x, const int32_t* correction, int32_t* table, int32_t* largest) {
+                   const uint8_t* x, const int32_t* correction, const float* factor, const int32_t* dst,
+                   int8_t* table) {
     for (int64_t v = 0; v < rho; ++v) {
         const int64_t n = rows[v];
         const int8_t* segment = codebook + static_cast<int64_t>(first[v]) * r4;
         const int32_t* fix = correction ? correction + first[v] : nullptr;
-        int32_t* out = table + first[v];
+        int8_t* out = table + dst[v];
+        const __m512 f = _mm512_set1_ps(factor[v]);
         if (v + kFcPrefetchSegments < rho) {
             const int8_t* later = codebook + static_cast<int64_t>(first[v + kFcPrefetchSegments]) * r4;
             for (int64_t i = 0; i < rows[v + kFcPrefetchSegments] * r4; i += 64) {
                 _mm_prefetch(reinterpret_cast<const char*>(later + i), _MM_HINT_T0);
             }
         }
-        __m512i most = _mm512_setzero_si512();
         int64_t c = 0;
         for (; c + 64 <= n; c += 64) {
-            most = fc_table_u8s8_block<4>(segment + 4 * c, n, r4, x + v * r4, fix ? fix + c : nullptr, out + c, most);
+            fc_table_u8s8_block<4>(segment + 4 * c, n, r4, x + v * r4, fix ? fix + c : nullptr, f, out + c);
         }
         for (; c < n; c += 16) {
-            most = fc_table_u8s8_block<1>(segment + 4 * c, n, r4, x + v * r4, fix ? fix + c : nullptr, out + c, most);
+            fc_table_u8s8_block<1>(segment + 4 * c, n, r4, x + v * r4, fix ? fix + c : nullptr, f, out + c);
         }
-        largest[v] = _mm512_reduce_max_epi32(most);
     }
 }
 
@@ -340,19 +359,6 @@ void quantise_u8(const float* src, int64_t n, float inv_scale, float low, float 
     }
     for (; i < n; ++i) {
         dst[i] = static_cast<uint8_t>(std::nearbyint(std::clamp(src[i] * inv_scale, low, high)) + zero);
-    }
-}
-
-void requantise_i8(const int32_t* src, int64_t n, float factor, int8_t* dst) {
-    const __m512 f = _mm512_set1_ps(factor), limit = _mm512_set1_ps(127.0f);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(src + i)), f);
-        const __m512i level = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(scaled, limit), -limit));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm512_cvtsepi32_epi8(level));
-    }
-    for (; i < n; ++i) {
-        dst[i] = static_cast<int8_t>(std::nearbyint(std::clamp(static_cast<float>(src[i]) * factor, -127.0f, 127.0f)));
     }
 }
 
@@ -454,15 +460,7 @@ inline void conv_table_u8s8_tile(const int8_t* codebook, int64_t r4, const uint8
         __m512i rounded[NV];
         for (int i = 0; i < NV; ++i) rounded[i] = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[c][i]), requant));
         if constexpr (NV == 4) {
-            // r is 8-16, so this narrowing costs as much as the dot products: saturating packs
-            // narrow 64 entries in three instructions (plus one dword permute to undo their
-            // per-lane interleave) where vpmovsdb took two port-5 uops per 16.
-            const __m512i words01 = _mm512_packs_epi32(rounded[0], rounded[1]);
-            const __m512i words23 = _mm512_packs_epi32(rounded[2], rounded[3]);
-            const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-            const __m512i bytes = _mm512_permutexvar_epi32(order, _mm512_packs_epi16(words01, words23));
-            const __m512i clamped = _mm512_max_epi8(bytes, _mm512_set1_epi8(-127));
-            _mm512_storeu_si512(out + c * ld, _mm512_xor_si512(clamped, _mm512_set1_epi8(static_cast<char>(0x80))));
+            _mm512_storeu_si512(out + c * ld, _mm512_xor_si512(packed_bytes(rounded), _mm512_set1_epi8(static_cast<char>(0x80))));
         } else {
             for (int i = 0; i < NV; ++i) {
                 _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c * ld + 16 * i),
@@ -555,7 +553,6 @@ const KernelTable kAvx512 = {
     fc_permute_i8,
     fc_table_u8s8,
     quantise_u8,
-    requantise_i8,
     conv_table<float>,
     conv_table<uint16_t>,
     conv_table<int16_t>,

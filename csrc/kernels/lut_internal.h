@@ -99,14 +99,14 @@ struct KernelTable {
     /// null when the ISA has no byte permute (needs AVX-512 VBMI).
     void (*fc_permute_i8)(const int8_t* table, const uint8_t* codes, int64_t rho, int64_t blocks, int32_t* out);
     /// int8 E-FC table from quantised operands (VNNI), or null: for each segment v and
-    /// c < rows[v] (a multiple of 16), table[first[v] + c] = sum_{k < r4} codebook[first[v]*r4 + (k/4)*4*rows[v]
-    /// + 4*c + k%4] * x[v*r4 + k] - (correction ? correction[first[v] + c] : 0), and largest[v] = max_c |that|.
+    /// c < rows[v] (a multiple of 16), table[dst[v] + c] = saturate(round(factor[v] * (sum_{k < r4}
+    /// codebook[first[v]*r4 + (k/4)*4*rows[v] + 4*c + k%4] * x[v*r4 + k] - (correction ? correction[first[v] + c]
+    /// : 0)))) into [-127, 127]. Segments are written in order, each rows[v] bytes.
     void (*fc_table_u8s8)(const int8_t* codebook, const int32_t* first, const int32_t* rows, int64_t rho, int64_t r4,
-                          const uint8_t* x, const int32_t* correction, int32_t* table, int32_t* largest);
+                          const uint8_t* x, const int32_t* correction, const float* factor, const int32_t* dst,
+                          int8_t* table);
     /// dst[i] = clamp(round(src[i] * inv_scale), low, high) + zero; non-null with fc_table_u8s8.
     void (*quantise_u8)(const float* src, int64_t n, float inv_scale, float low, float high, float zero, uint8_t* dst);
-    /// dst[i] = saturate(round(src[i] * factor)) into [-127, 127]; non-null with fc_table_u8s8.
-    void (*requantise_i8)(const int32_t* src, int64_t n, float factor, int8_t* dst);
     /// E-Conv table build with the narrowing fused into the store, or null to build it with
     /// sgemm into fp32 scratch and narrow that (the AVX2 and scalar tables).
     ConvTableFn<float> conv_table_f32;
