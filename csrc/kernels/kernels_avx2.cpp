@@ -118,6 +118,28 @@ void quantize_i8(const float* src, int64_t n, float inv_scale, int8_t* dst) {
     for (; i < n; ++i) dst[i] = static_cast<int8_t>(std::nearbyint(std::clamp(src[i] * inv_scale, -127.0f, 127.0f)));
 }
 
+float largest_norm2(const float* x, int64_t channels, int64_t stride, int64_t n) {
+    __m256 most = _mm256_setzero_ps();
+    int64_t q = 0;
+    for (; q + 8 <= n; q += 8) {
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t k = 0; k < channels; ++k) {
+            const __m256 v = _mm256_loadu_ps(x + k * stride + q);
+            sum = _mm256_fmadd_ps(v, v, sum);
+        }
+        most = _mm256_max_ps(most, sum);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, most);
+    float m = *std::max_element(lanes, lanes + 8);
+    for (; q < n; ++q) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < channels; ++k) sum = std::fma(x[k * stride + q], x[k * stride + q], sum);
+        m = std::max(m, sum);
+    }
+    return m;
+}
+
 float max_abs(const float* src, int64_t n) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 largest = _mm256_setzero_ps();
@@ -216,6 +238,7 @@ const KernelTable kAvx2 = {
     fc_table<uint16_t>,
     fc_table<int8_t>,
     max_abs,
+    largest_norm2,
     fc_gather_f32,
     fc_gather_i8,
     nullptr,  // no byte permute (needs AVX-512 VBMI)

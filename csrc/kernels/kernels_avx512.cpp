@@ -147,6 +147,26 @@ void quantize_i8(const float* src, int64_t n, float inv_scale, int8_t* dst) {
     for (; i < n; ++i) dst[i] = static_cast<int8_t>(std::nearbyint(std::clamp(src[i] * inv_scale, -127.0f, 127.0f)));
 }
 
+float largest_norm2(const float* x, int64_t channels, int64_t stride, int64_t n) {
+    __m512 most = _mm512_setzero_ps();
+    int64_t q = 0;
+    for (; q + 16 <= n; q += 16) {
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t k = 0; k < channels; ++k) {
+            const __m512 v = _mm512_loadu_ps(x + k * stride + q);
+            sum = _mm512_fmadd_ps(v, v, sum);
+        }
+        most = _mm512_max_ps(most, sum);
+    }
+    float m = _mm512_reduce_max_ps(most);
+    for (; q < n; ++q) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < channels; ++k) sum = std::fma(x[k * stride + q], x[k * stride + q], sum);
+        m = std::max(m, sum);
+    }
+    return m;
+}
+
 float max_abs(const float* src, int64_t n) {
     __m512 largest = _mm512_setzero_ps();
     int64_t i = 0;
@@ -569,6 +589,7 @@ const KernelTable kAvx512 = {
     fc_table<uint16_t>,
     fc_table<int8_t>,
     max_abs,
+    largest_norm2,
     fc_gather_f32,
     fc_gather_i8,
     fc_permute_i8,

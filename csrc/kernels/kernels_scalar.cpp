@@ -67,6 +67,16 @@ void fc_table(const Elem* codebook_t, const int32_t* base, const int32_t* rows, 
     }
 }
 
+float largest_norm2(const float* x, int64_t channels, int64_t stride, int64_t n) {
+    float m = 0.0f;
+    for (int64_t q = 0; q < n; ++q) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < channels; ++k) sum = std::fma(x[k * stride + q], x[k * stride + q], sum);
+        m = std::max(m, sum);
+    }
+    return m;
+}
+
 float max_abs(const float* src, int64_t n) {
     float m = 0.0f;
     for (int64_t i = 0; i < n; ++i) m = std::max(m, std::fabs(src[i]));
@@ -100,6 +110,7 @@ const KernelTable kScalar = {
     fc_table<uint16_t>,
     fc_table<int8_t>,
     max_abs,
+    largest_norm2,
     fc_gather<float, float>,
     fc_gather<int8_t, int32_t>,
     nullptr,  // no byte permute (needs AVX-512 VBMI)

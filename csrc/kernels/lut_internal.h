@@ -93,6 +93,9 @@ struct KernelTable {
     FcTableFn<uint16_t> fc_table_f16;  ///< codebook holds IEEE half bits
     FcTableFn<int8_t> fc_table_i8;     ///< int8 codebook; x comes scaled by each segment's step
     float (*max_abs)(const float* src, int64_t n);
+    /// max over q < n of sum_{k < channels} x[k*stride + q]^2 (the largest squared norm of a pixel's
+    /// channel vector; fused multiply-adds in k order).
+    float (*largest_norm2)(const float* x, int64_t channels, int64_t stride, int64_t n);
     FcGatherF32Fn fc_gather_f32;
     FcGatherI8Fn fc_gather_i8;
     /// E-FC with an int8 table of 128 entries per segment ([rho][128]) and uint8 codes, or
