@@ -159,11 +159,7 @@ float largest_norm2(const float* x, int64_t channels, int64_t stride, int64_t n)
         most = _mm512_max_ps(most, sum);
     }
     float m = _mm512_reduce_max_ps(most);
-    for (; q < n; ++q) {
-        float sum = 0.0f;
-        for (int64_t k = 0; k < channels; ++k) sum = std::fma(x[k * stride + q], x[k * stride + q], sum);
-        m = std::max(m, sum);
-    }
+    for (; q < n; ++q) m = std::max(m, pixel_norm2(x + q, channels, stride));
     return m;
 }
 

@@ -69,11 +69,7 @@ void fc_table(const Elem* codebook_t, const int32_t* base, const int32_t* rows, 
 
 float largest_norm2(const float* x, int64_t channels, int64_t stride, int64_t n) {
     float m = 0.0f;
-    for (int64_t q = 0; q < n; ++q) {
-        float sum = 0.0f;
-        for (int64_t k = 0; k < channels; ++k) sum = std::fma(x[k * stride + q], x[k * stride + q], sum);
-        m = std::max(m, sum);
-    }
+    for (int64_t q = 0; q < n; ++q) m = std::max(m, pixel_norm2(x + q, channels, stride));
     return m;
 }
 

@@ -5,6 +5,7 @@
 // construction (dispatch.cpp) and never branch on the CPU again.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -71,6 +72,14 @@ using ConvTableFn = void (*)(const float* codebook, int64_t rows, int64_t r, int
 using ConvTableU8S8Fn = void (*)(const int8_t* codebook, int64_t rows, int64_t r4, const uint8_t* x,
                                  int64_t x_stride, int64_t ld, const int32_t* correction, float requant,
                                  uint8_t* out);
+
+/// sum_{k < channels} x[k*stride]^2 with fused multiply-adds in k order: one pixel of
+/// KernelTable::largest_norm2 (its scalar path and every ISA's tail).
+inline float pixel_norm2(const float* x, int64_t channels, int64_t stride) {
+    float sum = 0.0f;
+    for (int64_t k = 0; k < channels; ++k) sum = std::fma(x[k * stride], x[k * stride], sum);
+    return sum;
+}
 
 /// The uint8 activation step from a calibrated int8 step (LutOptions::input_scale): inputs with
 /// negative values use it with a zero point of 128; inputs >= 0 spread the same range
