@@ -118,6 +118,14 @@ void quantize_i8(const float* src, int64_t n, float inv_scale, int8_t* dst) {
     for (; i < n; ++i) dst[i] = static_cast<int8_t>(std::nearbyint(std::clamp(src[i] * inv_scale, -127.0f, 127.0f)));
 }
 
+void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows, int64_t width) {
+    for (int64_t r = 0; r < rows; ++r, src += src_stride, dst += dst_stride) {
+        int64_t c = 0;
+        for (; c + 8 <= width; c += 8) _mm256_storeu_ps(dst + c, _mm256_loadu_ps(src + c));
+        for (; c < width; ++c) dst[c] = src[c];
+    }
+}
+
 float largest_norm2(const float* x, int64_t channels, int64_t stride, int64_t n) {
     __m256 most = _mm256_setzero_ps();
     int64_t q = 0;
@@ -235,6 +243,7 @@ const KernelTable kAvx2 = {
     fc_table<int8_t>,
     max_abs,
     largest_norm2,
+    copy_rows,
     fc_gather_f32,
     fc_gather_i8,
     nullptr,  // no byte permute (needs AVX-512 VBMI)

@@ -147,6 +147,16 @@ void quantize_i8(const float* src, int64_t n, float inv_scale, int8_t* dst) {
     for (; i < n; ++i) dst[i] = static_cast<int8_t>(std::nearbyint(std::clamp(src[i] * inv_scale, -127.0f, 127.0f)));
 }
 
+void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows, int64_t width) {
+    const int64_t tail = width % 16;
+    const auto mask = static_cast<__mmask16>((1u << tail) - 1);
+    for (int64_t r = 0; r < rows; ++r, src += src_stride, dst += dst_stride) {
+        int64_t c = 0;
+        for (; c + 16 <= width; c += 16) _mm512_storeu_ps(dst + c, _mm512_loadu_ps(src + c));
+        if (tail) _mm512_mask_storeu_ps(dst + c, mask, _mm512_maskz_loadu_ps(mask, src + c));
+    }
+}
+
 float largest_norm2(const float* x, int64_t channels, int64_t stride, int64_t n) {
     __m512 most = _mm512_setzero_ps();
     int64_t q = 0;
@@ -586,6 +596,7 @@ const KernelTable kAvx512 = {
     fc_table<int8_t>,
     max_abs,
     largest_norm2,
+    copy_rows,
     fc_gather_f32,
     fc_gather_i8,
     fc_permute_i8,

@@ -2,6 +2,7 @@
 // the results the AVX kernels must reproduce (same rounding, same saturation).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "lut_internal.h"
@@ -67,6 +68,10 @@ void fc_table(const Elem* codebook_t, const int32_t* base, const int32_t* rows, 
     }
 }
 
+void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows, int64_t width) {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, sizeof(float) * width);
+}
+
 float largest_norm2(const float* x, int64_t channels, int64_t stride, int64_t n) {
     float m = 0.0f;
     for (int64_t q = 0; q < n; ++q) m = std::max(m, pixel_norm2(x + q, channels, stride));
@@ -107,6 +112,7 @@ const KernelTable kScalar = {
     fc_table<int8_t>,
     max_abs,
     largest_norm2,
+    copy_rows,
     fc_gather<float, float>,
     fc_gather<int8_t, int32_t>,
     nullptr,  // no byte permute (needs AVX-512 VBMI)

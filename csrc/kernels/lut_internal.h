@@ -105,6 +105,9 @@ struct KernelTable {
     /// max over q < n of sum_{k < channels} x[k*stride + q]^2 (the largest squared norm of a pixel's
     /// channel vector; fused multiply-adds in k order).
     float (*largest_norm2)(const float* x, int64_t channels, int64_t stride, int64_t n);
+    /// dst[r*dst_stride + c] = src[r*src_stride + c] for r < rows, c < width: a layer's output rows
+    /// out of the padded-width rows the sums are computed in.
+    void (*copy_rows)(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows, int64_t width);
     FcGatherF32Fn fc_gather_f32;
     FcGatherI8Fn fc_gather_i8;
     /// E-FC with an int8 table of 128 entries per segment ([rho][128]) and uint8 codes, or
