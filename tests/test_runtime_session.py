@@ -98,6 +98,27 @@ def test_one_task_alone(merged):
     np.testing.assert_array_equal(alone["m1.logits"], session.run(feeds)["m1.logits"])
 
 
+def test_relu_is_folded_only_where_nothing_else_reads_the_layer_output(merged):
+    # The session folds a Relu into the E-layer before it; with the layer's own output also a
+    # graph output, that output must keep its negative values (no fold there).
+    model = onnx.ModelProto()
+    model.CopyFrom(merged["lenet_pair"])
+    consumers = {name: node.op_type for node in model.graph.node for name in node.input}
+    layer = next(node for node in model.graph.node
+                 if node.op_type == "EConv" and consumers.get(node.output[0]) == "Relu")
+    model.graph.output.append(helper.make_tensor_value_info(layer.output[0], TensorProto.FLOAT, ["n", "c", "h", "w"]))
+    lines = Session(pack_model(model)).kernels()
+    assert any(line.startswith(layer.name + ":") and not line.endswith("+ Relu") for line in lines)
+    assert sum(line.endswith("+ Relu") for line in lines) == 5  # the other conv1, both conv2, both fc1
+    feeds = feeds_for(model, batch=2)
+    for lut in ("fp32", "int8"):
+        got = assert_parity(model, feeds, lut=lut, rtol=1e-4 if lut == "fp32" else 0.1)
+        assert (got[layer.output[0]] < 0).any()
+        for name, value in got.items():
+            if name != layer.output[0]:
+                np.testing.assert_array_equal(value, Session(pack_model(merged["lenet_pair"]), lut=lut).run(feeds)[name])
+
+
 def test_onnx_path_and_nmpack_path_agree(merged, tmp_path):
     model = merged["resnet"]
     onnx.save(model, tmp_path / "m.onnx")

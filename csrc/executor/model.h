@@ -45,6 +45,9 @@ struct Node {
     std::vector<std::string> inputs;   ///< "" marks an omitted optional input
     std::vector<std::string> outputs;  ///< "" marks an unused optional output
     json::Value attrs;                 ///< an object
+    /// Set by the session, not read from the file: a Relu that consumed this node's only output
+    /// was folded into it (the node then writes the Relu's output).
+    bool fused_relu = false;
 
     bool has_attr(const char* key) const { return attrs.find(key) != nullptr; }
     int64_t attr_int(const char* key, int64_t fallback) const;

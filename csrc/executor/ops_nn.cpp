@@ -122,6 +122,7 @@ LutOptions lut_options(const Node& node, const PackedModel& model, const Session
     LutOptions o;
     o.precision = lut_precision(options.precision);
     o.threads = options.threads;
+    o.relu = node.fused_relu;
     const auto info = model.elayers.find(node.name);
     if (info != model.elayers.end()) o.input_scale = info->second.input_scale;
     return o;
@@ -179,7 +180,7 @@ class EConvOp : public Op {
         layer_->run(ctx.in[0], shape4(in[0]->shape), ctx.out[0], ctx.workspace, ctx.threads);
     }
 
-    std::string kernel() const override { return layer_->kernel_name(); }
+    std::string kernel() const override { return layer_->kernel_name() + std::string(node_.fused_relu ? " + Relu" : ""); }
 
    private:
     std::vector<int64_t> segment_codewords_;
@@ -207,7 +208,7 @@ class EGemmOp : public Op {
         if (rows > 0) layer_->run(ctx.in[0], rows, ctx.out[0]);
     }
 
-    std::string kernel() const override { return layer_->kernel_name(); }
+    std::string kernel() const override { return layer_->kernel_name() + std::string(node_.fused_relu ? " + Relu" : ""); }
 
    private:
     std::vector<int64_t> segment_codewords_;

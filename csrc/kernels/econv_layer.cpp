@@ -554,7 +554,7 @@ void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const Q
         const float* src = out_rows + c * p.strip_pixels;
         // Rows are short (a LeNet row is 64 bytes): a memcpy call per row was ~4% of LeNet
         // conv2's int8 time, and a plain loop here is built for baseline x86-64 only.
-        k.copy_rows(src, p.phase_w, dst, p.out.w, strip_rows, p.out.w);
+        k.copy_rows(src, p.phase_w, dst, p.out.w, strip_rows, p.out.w, options.relu);
     }
 }
 

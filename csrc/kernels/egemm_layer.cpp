@@ -40,6 +40,10 @@ T* at_least(std::vector<T>& v, int64_t n) {
     return v.data();
 }
 
+void apply_relu(float* y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) y[i] = detail::relu_of(y[i]);
+}
+
 }  // namespace
 
 struct EGemmLayer::Impl {
@@ -65,6 +69,7 @@ struct EGemmLayer::Impl {
     std::vector<uint16_t> codes16;
     std::vector<float> bias;
     bool permute = false;
+    bool relu = false;  // a Relu folded into the layer
     std::string name;
 
     float int8_table(const float* x, FcScratch& s) const;
@@ -86,6 +91,7 @@ EGemmLayer::EGemmLayer(const EncodedWeight& weight, const LutOptions& opt) : imp
 
     m.kernels = &detail::select_kernels(opt.isa);
     m.precision = opt.precision;
+    m.relu = opt.relu;
     m.in_features = w.depth;
     m.out_features = w.out_channels;
     m.r = w.segment_length;
@@ -283,6 +289,7 @@ void EGemmLayer::run(const float* x, int64_t rows, float* y) const {
                 k.fc_gather_i8(s.table_i8.data(), m.base.data(), codes8, codes16, m.rho, m.blocks, sums);
             }
             for (int64_t t = 0; t < m.out_features; ++t) out[t] = m.bias[t] + scale * static_cast<float>(sums[t]);
+            if (m.relu) apply_relu(out, m.out_features);
             continue;
         }
         float* table = at_least(s.table, m.total_rows);
@@ -296,6 +303,7 @@ void EGemmLayer::run(const float* x, int64_t rows, float* y) const {
         float* sums = at_least(s.sums, padded_out);
         k.fc_gather_f32(table, m.base.data(), codes8, codes16, m.rho, m.blocks, sums);
         for (int64_t t = 0; t < m.out_features; ++t) out[t] = m.bias[t] + sums[t];
+        if (m.relu) apply_relu(out, m.out_features);
     }
 }
 

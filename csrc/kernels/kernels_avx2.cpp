@@ -118,11 +118,14 @@ void quantize_i8(const float* src, int64_t n, float inv_scale, int8_t* dst) {
     for (; i < n; ++i) dst[i] = static_cast<int8_t>(std::nearbyint(std::clamp(src[i] * inv_scale, -127.0f, 127.0f)));
 }
 
-void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows, int64_t width) {
+void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows, int64_t width,
+               bool relu) {
+    // vmaxps returns its second operand when the first is NaN: max(x, 0) is relu_of(x), NaN -> 0.
+    const auto apply = [relu](__m256 x) { return relu ? _mm256_max_ps(x, _mm256_setzero_ps()) : x; };
     for (int64_t r = 0; r < rows; ++r, src += src_stride, dst += dst_stride) {
         int64_t c = 0;
-        for (; c + 8 <= width; c += 8) _mm256_storeu_ps(dst + c, _mm256_loadu_ps(src + c));
-        for (; c < width; ++c) dst[c] = src[c];
+        for (; c + 8 <= width; c += 8) _mm256_storeu_ps(dst + c, apply(_mm256_loadu_ps(src + c)));
+        for (; c < width; ++c) dst[c] = relu ? relu_of(src[c]) : src[c];
     }
 }
 

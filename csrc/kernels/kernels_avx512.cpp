@@ -147,13 +147,16 @@ void quantize_i8(const float* src, int64_t n, float inv_scale, int8_t* dst) {
     for (; i < n; ++i) dst[i] = static_cast<int8_t>(std::nearbyint(std::clamp(src[i] * inv_scale, -127.0f, 127.0f)));
 }
 
-void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows, int64_t width) {
+void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows, int64_t width,
+               bool relu) {
     const int64_t tail = width % 16;
     const auto mask = static_cast<__mmask16>((1u << tail) - 1);
+    // vmaxps returns its second operand when the first is NaN: max(x, 0) is relu_of(x), NaN -> 0.
+    const auto apply = [relu](__m512 x) { return relu ? _mm512_max_ps(x, _mm512_setzero_ps()) : x; };
     for (int64_t r = 0; r < rows; ++r, src += src_stride, dst += dst_stride) {
         int64_t c = 0;
-        for (; c + 16 <= width; c += 16) _mm512_storeu_ps(dst + c, _mm512_loadu_ps(src + c));
-        if (tail) _mm512_mask_storeu_ps(dst + c, mask, _mm512_maskz_loadu_ps(mask, src + c));
+        for (; c + 16 <= width; c += 16) _mm512_storeu_ps(dst + c, apply(_mm512_loadu_ps(src + c)));
+        if (tail) _mm512_mask_storeu_ps(dst + c, mask, apply(_mm512_maskz_loadu_ps(mask, src + c)));
     }
 }
 

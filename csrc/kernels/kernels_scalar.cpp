@@ -68,8 +68,15 @@ void fc_table(const Elem* codebook_t, const int32_t* base, const int32_t* rows, 
     }
 }
 
-void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows, int64_t width) {
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, sizeof(float) * width);
+void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows, int64_t width,
+               bool relu) {
+    for (int64_t r = 0; r < rows; ++r) {
+        if (!relu) {
+            std::memcpy(dst + r * dst_stride, src + r * src_stride, sizeof(float) * width);
+            continue;
+        }
+        for (int64_t c = 0; c < width; ++c) dst[r * dst_stride + c] = relu_of(src[r * src_stride + c]);
+    }
 }
 
 float largest_norm2(const float* x, int64_t channels, int64_t stride, int64_t n) {

@@ -73,6 +73,9 @@ using ConvTableU8S8Fn = void (*)(const int8_t* codebook, int64_t rows, int64_t r
                                  int64_t x_stride, int64_t ld, const int32_t* correction, float requant,
                                  uint8_t* out);
 
+/// The ONNX Relu of one value, as the executor's Relu op computes it (x > 0 ? x : 0).
+inline float relu_of(float x) { return x > 0.0f ? x : 0.0f; }
+
 /// sum_{k < channels} x[k*stride]^2 with fused multiply-adds in k order: one pixel of
 /// KernelTable::largest_norm2 (its scalar path and every ISA's tail).
 inline float pixel_norm2(const float* x, int64_t channels, int64_t stride) {
@@ -105,9 +108,10 @@ struct KernelTable {
     /// max over q < n of sum_{k < channels} x[k*stride + q]^2 (the largest squared norm of a pixel's
     /// channel vector; fused multiply-adds in k order).
     float (*largest_norm2)(const float* x, int64_t channels, int64_t stride, int64_t n);
-    /// dst[r*dst_stride + c] = src[r*src_stride + c] for r < rows, c < width: a layer's output rows
-    /// out of the padded-width rows the sums are computed in.
-    void (*copy_rows)(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows, int64_t width);
+    /// dst[r*dst_stride + c] = src[r*src_stride + c] (relu: relu_of that) for r < rows, c < width: a
+    /// layer's output rows out of the padded-width rows the sums are computed in.
+    void (*copy_rows)(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows, int64_t width,
+                      bool relu);
     FcGatherF32Fn fc_gather_f32;
     FcGatherI8Fn fc_gather_i8;
     /// E-FC with an int8 table of 128 entries per segment ([rho][128]) and uint8 codes, or

@@ -99,6 +99,9 @@ struct LutOptions {
     /// not need it.
     float input_scale = 0.f;
     LutIsa isa = LutIsa::kAuto;
+    /// Apply max(0, .) to the output: a Relu folded into the layer, so that no separate pass
+    /// reads and writes the output again.
+    bool relu = false;
 };
 
 /// Encoded 2-D convolution y = Conv(x, decode(weight)) + bias on lookup-table kernels.
