@@ -1,4 +1,4 @@
-"""The native runtime's wider op set (Pad, Resize, reductions, pointwise math, Split, Slice) against onnxruntime.
+"""The native runtime's wider op set (Pad, Resize, reductions, pointwise math, Split, Slice, 2x2 pooling) against onnxruntime.
 
 Every case is one hand-built node run by ``neuralmerge.runtime.Session`` and by stock onnxruntime;
 bad attributes and constants must be refused at load with a one-line ModelError naming the problem.
@@ -97,6 +97,16 @@ def test_chain_of_new_ops_follows_the_batch_and_threads():
 
 
 # ---- Pad ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+@pytest.mark.parametrize("width, pads, ceil", [(70, [0, 0, 0, 0], 0), (67, [0, 0, 0, 0], 1), (64, [1, 1, 1, 1], 0)])
+def test_2x2_pooling_rows_on_the_simd_kernel(op, width, pads, ceil):
+    # 2x2 windows at stride 2 run on a SIMD kernel 16 outputs at a time: rows of 32-35 outputs
+    # take full vectors and a tail, padded edges the general path.
+    x = rand(2, 3, 6, width)
+    node = helper.make_node(op, ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2], pads=pads, ceil_mode=ceil)
+    check(node, {"x": x})
+
 
 @pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
 @pytest.mark.parametrize("pads", [[0, 0, 1, 2, 0, 0, 2, 1], [0, 1, 0, 0, 0, 0, 2, 3], [0, 0, -1, 1, 0, 0, 2, -2]])

@@ -247,6 +247,7 @@ const KernelTable kAvx2 = {
     max_abs,
     largest_norm2,
     copy_rows,
+    pool_2x2_loop,
     fc_gather_f32,
     fc_gather_i8,
     nullptr,  // no byte permute (needs AVX-512 VBMI)

@@ -160,6 +160,25 @@ void copy_rows(const float* src, int64_t src_stride, float* dst, int64_t dst_str
     }
 }
 
+void pool_2x2(const float* top, const float* bottom, int64_t n, bool max, float* out) {
+    // Even and odd columns of two 16-float registers: 32 inputs -> 16 outputs.
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m512 quarter = _mm512_set1_ps(0.25f);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        const __m512 t0 = _mm512_loadu_ps(top + 2 * j), t1 = _mm512_loadu_ps(top + 2 * j + 16);
+        const __m512 b0 = _mm512_loadu_ps(bottom + 2 * j), b1 = _mm512_loadu_ps(bottom + 2 * j + 16);
+        const __m512 t_even = _mm512_permutex2var_ps(t0, even, t1), t_odd = _mm512_permutex2var_ps(t0, odd, t1);
+        const __m512 b_even = _mm512_permutex2var_ps(b0, even, b1), b_odd = _mm512_permutex2var_ps(b0, odd, b1);
+        const __m512 y = max ? _mm512_max_ps(_mm512_max_ps(t_even, t_odd), _mm512_max_ps(b_even, b_odd))
+                             : _mm512_mul_ps(quarter, _mm512_add_ps(_mm512_add_ps(t_even, t_odd),
+                                                                    _mm512_add_ps(b_even, b_odd)));
+        _mm512_storeu_ps(out + j, y);
+    }
+    pool_2x2_loop(top + 2 * j, bottom + 2 * j, n - j, max, out + j);
+}
+
 float largest_norm2(const float* x, int64_t channels, int64_t stride, int64_t n) {
     __m512 most = _mm512_setzero_ps();
     int64_t q = 0;
@@ -600,6 +619,7 @@ const KernelTable kAvx512 = {
     max_abs,
     largest_norm2,
     copy_rows,
+    pool_2x2,
     fc_gather_f32,
     fc_gather_i8,
     fc_permute_i8,

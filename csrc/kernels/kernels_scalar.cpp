@@ -120,6 +120,7 @@ const KernelTable kScalar = {
     max_abs,
     largest_norm2,
     copy_rows,
+    pool_2x2_loop,
     fc_gather<float, float>,
     fc_gather<int8_t, int32_t>,
     nullptr,  // no byte permute (needs AVX-512 VBMI)

@@ -5,6 +5,7 @@
 // construction (dispatch.cpp) and never branch on the CPU again.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -84,6 +85,14 @@ inline float pixel_norm2(const float* x, int64_t channels, int64_t stride) {
     return sum;
 }
 
+/// KernelTable::pool_2x2 as a plain loop: the scalar kernel and the SIMD tails.
+inline void pool_2x2_loop(const float* top, const float* bottom, int64_t n, bool max, float* out) {
+    for (int64_t j = 0; j < n; ++j) {
+        const float a = top[2 * j], b = top[2 * j + 1], c = bottom[2 * j], d = bottom[2 * j + 1];
+        out[j] = max ? std::max(std::max(a, b), std::max(c, d)) : 0.25f * ((a + b) + (c + d));
+    }
+}
+
 /// The uint8 activation step from a calibrated int8 step (LutOptions::input_scale): inputs with
 /// negative values use it with a zero point of 128; inputs >= 0 spread the same range
 /// (127 steps) over all 255 levels.
@@ -112,6 +121,9 @@ struct KernelTable {
     /// layer's output rows out of the padded-width rows the sums are computed in.
     void (*copy_rows)(const float* src, int64_t src_stride, float* dst, int64_t dst_stride, int64_t rows, int64_t width,
                       bool relu);
+    /// 2x2 pooling at stride 2 of one output row: out[j] = max (max) or mean (else) of top[2j],
+    /// top[2j+1], bottom[2j], bottom[2j+1] for j < n.
+    void (*pool_2x2)(const float* top, const float* bottom, int64_t n, bool max, float* out);
     FcGatherF32Fn fc_gather_f32;
     FcGatherI8Fn fc_gather_i8;
     /// E-FC with an int8 table of 128 entries per segment ([rho][128]) and uint8 codes, or
