@@ -7,9 +7,10 @@
 //   int8: one 64-byte load of offset-binary bytes, `words += w` and `high += w >> 8` (struct I8);
 //   fp16: four 32-byte loads, each widened with vcvtph2ps and added in fp32 (struct F16);
 //   fp32: four 64-byte loads, each added (struct F32).
-// Arguments: element type (int8|fp16|fp32), table rows, row length in elements, terms per
-// channel, channels, pixel blocks, alignment of the run offsets in elements (1 = any),
-// repetitions. Prints the median nanoseconds per run of 64 pixels.
+// Arguments: element type (int8|fp16|fp32), segments, codewords per segment, table row length in
+// elements, kernel size, padded input width, output channels, pixel blocks, repetitions. Prints
+// the median nanoseconds per run of 64 pixels. `build COUNT` instead times the table build's
+// instructions (vpdpbusd for int8, vfmadd231ps for the others; below).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -24,15 +25,24 @@
 constexpr int kPrefetchTerms = 8;
 
 // Prefetches the runs of both channels' term kPrefetchTerms ahead, as the runtime does.
+// prefetcht0 as inline assembly: GCC 12 at -O2 dropped every _mm_prefetch of this file's
+// loops (the runtime's own loops keep theirs), which made the loops here slower than the
+// runtime's and no ceiling at all.
+inline void prefetch_line(const char* p) { __asm__ volatile("prefetcht0 %0" : : "m"(*p)); }
+
+template <typename Elem>
+inline void prefetch_run(const Elem* run_start) {
+    const char* run = reinterpret_cast<const char*>(run_start);
+    constexpr int kBytes = 64 * static_cast<int>(sizeof(Elem));
+    for (int b = 0; b < kBytes; b += 64) prefetch_line(run + b);
+    prefetch_line(run + kBytes - 1);  // the line an unaligned run spills into
+}
+
 template <typename Elem>
 inline void prefetch_ahead(const Elem* table, const int32_t* first, const int32_t* second, int k, int terms) {
     const int ahead = std::min(k + kPrefetchTerms, terms - 1);
-    constexpr int kBytes = 64 * static_cast<int>(sizeof(Elem));
-    for (const int32_t* offs : {first, second}) {
-        const char* run = reinterpret_cast<const char*>(table + offs[ahead]);
-        for (int b = 0; b < kBytes; b += 64) _mm_prefetch(run + b, _MM_HINT_T0);
-        _mm_prefetch(run + kBytes - 1, _MM_HINT_T0);  // the line an unaligned run spills into
-    }
+    prefetch_run(table + first[ahead]);
+    prefetch_run(table + second[ahead]);
 }
 
 __attribute__((noinline)) void sum_int8(const uint8_t* table, const int32_t* first, const int32_t* second, int terms,
@@ -75,30 +85,69 @@ __attribute__((noinline)) void sum_wide(const Elem* table, const int32_t* first,
     for (int i = 0; i < 4; ++i) out[i] = _mm512_add_ps(acc[0][i], acc[1][i]);
 }
 
+// Throughput of the table build's instruction on 512-bit registers, 12 independent sums held in
+// registers (unrolled: kept in an array, the sums went through the stack and the loop timed
+// store forwarding instead). Returns ns per instruction.
+template <typename Acc, typename Step>
+__attribute__((noinline)) double throughput_ns(long count, Acc start, Step step) {
+    Acc acc[12];
+    for (Acc& a : acc) a = start;
+    const auto begin = std::chrono::steady_clock::now();
+    for (long i = 0; i < count; ++i) {
+#pragma GCC unroll 12
+        for (int j = 0; j < 12; ++j) acc[j] = step(acc[j]);
+    }
+    const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - begin).count();
+    volatile char sink = reinterpret_cast<const char*>(acc)[0];
+    for (const Acc& a : acc) sink = sink + reinterpret_cast<const char*>(&a)[1];
+    return ns / (12.0 * static_cast<double>(count));
+}
+
 int main(int argc, char** argv) {
-    if (argc != 9) {
-        std::fprintf(stderr, "usage: %s int8|fp16|fp32 rows row_elements terms channels blocks alignment reps\n",
+    if (argc == 3 && !std::strcmp(argv[1], "build")) {  // ns per vpdpbusd, ns per vfmadd231ps
+        const long count = std::atol(argv[2]);
+        const __m512i x = _mm512_set1_epi32(0x01010101), w = _mm512_set1_epi32(0x01020304);
+        const __m512 y = _mm512_set1_ps(0.999f), z = _mm512_set1_ps(0.001f);
+        const double dot = throughput_ns(count, _mm512_set1_epi32(1), [&](__m512i a) { return _mm512_dpbusd_epi32(a, x, w); });
+        const double fma = throughput_ns(count, _mm512_set1_ps(1.0f), [&](__m512 a) { return _mm512_fmadd_ps(a, y, z); });
+        std::printf("%.4f %.4f\n", dot, fma);
+        return 0;
+    }
+    if (argc != 10) {
+        std::fprintf(stderr,
+                     "usage: %s int8|fp16|fp32 segments codewords row_elements kernel padded_width channels blocks reps\n",
                      argv[0]);
         return 2;
     }
     const char* kind = argv[1];
-    const int rows = std::atoi(argv[2]), row_elements = std::atoi(argv[3]), terms = std::atoi(argv[4]);
-    const int channels = std::atoi(argv[5]), blocks = std::atoi(argv[6]), alignment = std::atoi(argv[7]);
-    const int reps = std::atoi(argv[8]);
+    const int segments = std::atoi(argv[2]), codewords = std::atoi(argv[3]), row_elements = std::atoi(argv[4]);
+    const int kernel = std::atoi(argv[5]), padded_width = std::atoi(argv[6]), channels = std::atoi(argv[7]);
+    const int blocks = std::atoi(argv[8]), reps = std::atoi(argv[9]);
     const int width = !std::strcmp(kind, "int8") ? 1 : !std::strcmp(kind, "fp16") ? 2 : !std::strcmp(kind, "fp32") ? 4 : 0;
-    const int reach = row_elements - 64 * blocks;  // largest tap shift that keeps every run in its row
-    if (!width || rows < 1 || reach < 0 || terms < 1 || channels < 2 || channels % 2 || blocks < 1 || alignment < 1 ||
-        reps < 1) {
+    const int reach = (kernel - 1) * (padded_width + 1);  // the largest tap shift
+    if (!width || segments < 1 || codewords < 1 || kernel < 1 || padded_width < kernel || channels < 2 ||
+        channels % 2 || blocks < 1 || reps < 1 || row_elements < 64 * blocks + reach) {
         std::fprintf(stderr, "bad arguments\n");
         return 2;
     }
+    const int rows = segments * codewords, terms = segments * kernel * kernel;
     // Bytes of 0x01: small int8 values, fp16 ~6e-8, fp32 ~2e-38; the loops' speed does not
     // depend on the values.
     std::vector<uint8_t> table((static_cast<size_t>(rows) * row_elements + 64) * width, 1);
+    // The runtime's term offsets: per output channel and term (tap i, j; segment v) a random
+    // codeword's row of that segment, shifted by the tap (i * padded width + j), so that a
+    // channel's runs overlap as the real ones do.
     std::mt19937 rng(1);
-    std::vector<int32_t> offsets(static_cast<size_t>(channels) * terms);
-    for (int32_t& o : offsets) {
-        o = static_cast<int32_t>(rng() % rows) * row_elements + (rng() % (reach + 1)) / alignment * alignment;
+    std::vector<int32_t> offsets;
+    for (int c = 0; c < channels; ++c) {
+        for (int i = 0; i < kernel; ++i) {
+            for (int j = 0; j < kernel; ++j) {
+                for (int v = 0; v < segments; ++v) {
+                    const int row = v * codewords + static_cast<int>(rng() % codewords);
+                    offsets.push_back(row * row_elements + i * padded_width + j);
+                }
+            }
+        }
     }
     __m512i sink_i[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
     __m512 sink_f[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
