@@ -390,21 +390,19 @@ QuantisedInput EConvLayer::Impl::quantise_input(const ConvPlan& p, const float* 
     const int64_t count = depth * slots * p.plane_stride;
     float low = 0.0f, high = 0.0f;
     kernels->min_max(first, count, &low, &high);
-    QuantisedInput q;
-    q.offset = low < 0.0f;
-    const float range = q.offset ? std::max(-low, high) / 127.0f : high / 255.0f;
-    q.scale = options.input_scale > 0.0f ? detail::calibrated_step(options.input_scale, q.offset)
-                                         : (range > 0.0f && std::isfinite(range) ? range : 1.0f);
+    const detail::ActivationQuantisation a = detail::activation_quantisation(low, high, options.input_scale);
     const int64_t plane = slots * p.plane_stride;
     for (int64_t v = 0; v < rho; ++v) {
         const int64_t used = std::min(r, depth - v * r);
         for (int64_t k = 0; k < r4; k += 4) {
             kernels->quantise_quad(first + (v * r + k) * plane, std::clamp<int64_t>(used - k, 0, 4), plane,
-                                   1.0f / q.scale, q.offset ? -127.0f : 0.0f, q.offset ? 127.0f : 255.0f,
-                                   q.offset ? 128.0f : 0.0f, out + (v * r4 + k) * plane);
+                                   1.0f / a.step, a.low, a.high, a.zero, out + (v * r4 + k) * plane);
         }
     }
+    QuantisedInput q;
     q.data = out;
+    q.scale = a.step;
+    q.offset = a.offset;
     return q;
 }
 

@@ -113,6 +113,7 @@ EGemmLayer::EGemmLayer(const EncodedWeight& weight, const LutOptions& opt) : imp
             m.codebook_step.assign(m.rho, 1.0f);
             break;
     }
+    std::vector<float> norm2;  // int8 VNNI: squared norm of each (padded) codeword row, in steps
     if (m.vnni) {
         m.input_scale = opt.input_scale;
         m.r4 = (m.r + 3) / 4 * 4;
@@ -124,6 +125,7 @@ EGemmLayer::EGemmLayer(const EncodedWeight& weight, const LutOptions& opt) : imp
         }
         m.codebook_vnni.assign(static_cast<size_t>(padded * m.r4), 0);
         m.codeword_sum.assign(static_cast<size_t>(padded), 0);
+        norm2.assign(static_cast<size_t>(padded), 0.0f);
     }
     for (int64_t v = 0; v < m.rho; ++v) {
         const float* segment = w.codebook + w.offsets[v] * m.r;
@@ -150,6 +152,7 @@ EGemmLayer::EGemmLayer(const EncodedWeight& weight, const LutOptions& opt) : imp
                         const int64_t row = m.vnni_first[v] + c;
                         m.codebook_vnni[m.vnni_first[v] * m.r4 + (k / 4) * 4 * m.vnni_rows[v] + 4 * c + k % 4] = q;
                         m.codeword_sum[row] += 128 * q;
+                        norm2[row] += static_cast<float>(q) * static_cast<float>(q);
                         break;
                     }
                 }
@@ -157,18 +160,10 @@ EGemmLayer::EGemmLayer(const EncodedWeight& weight, const LutOptions& opt) : imp
         }
     }
 
-    if (m.vnni) {
-        m.codeword_norm.assign(m.rho, 0.0f);
-        for (int64_t v = 0; v < m.rho; ++v) {
-            for (int64_t c = 0; c < m.vnni_rows[v]; ++c) {
-                float norm2 = 0.0f;
-                for (int64_t k = 0; k < m.r4; ++k) {
-                    const float q = m.codebook_vnni[m.vnni_first[v] * m.r4 + (k / 4) * 4 * m.vnni_rows[v] + 4 * c + k % 4];
-                    norm2 += q * q;
-                }
-                m.codeword_norm[v] = std::max(m.codeword_norm[v], m.codebook_step[v] * std::sqrt(norm2));
-            }
-        }
+    for (int64_t v = 0; m.vnni && v < m.rho; ++v) {
+        const auto first = norm2.begin() + m.vnni_first[v];
+        const float largest = *std::max_element(first, first + rows[v]);
+        m.codeword_norm.push_back(m.codebook_step[v] * std::sqrt(largest));
     }
     const bool bytes = w.code_type == CodeType::kUInt8;
     const int64_t count = m.blocks * m.rho * kFcBlock;
@@ -233,19 +228,16 @@ float EGemmLayer::Impl::int8_table(const float* x, FcScratch& s) const {
     // codeword sums), the same scheme as the int8 E-Conv build.
     float low = 0.0f, high = 0.0f;
     k.min_max(x, in_features, &low, &high);
-    const bool offset = low < 0.0f;
-    const float range = offset ? std::max(-low, high) / 127.0f : high / 255.0f;
-    const float x_step = input_scale > 0.0f ? detail::calibrated_step(input_scale, offset)
-                                            : (range > 0.0f && std::isfinite(range) ? range : 1.0f);
+    const detail::ActivationQuantisation a = detail::activation_quantisation(low, high, input_scale);
+    const float x_step = a.step;
     uint8_t* x_u8 = at_least(s.x_u8, rho * r4);
-    const float lo = offset ? -127.0f : 0.0f, hi = offset ? 127.0f : 255.0f, zero = offset ? 128.0f : 0.0f;
     if (r4 == r) {
-        k.quantise_u8(x, in_features, 1.0f / x_step, lo, hi, zero, x_u8);
+        k.quantise_u8(x, in_features, 1.0f / x_step, a.low, a.high, a.zero, x_u8);
         std::fill(x_u8 + in_features, x_u8 + rho * r4, uint8_t{0});  // the codebook is 0 there
     } else {
         for (int64_t v = 0; v < rho; ++v) {
             const int64_t used = std::min(r, in_features - v * r);
-            k.quantise_u8(x + v * r, used, 1.0f / x_step, lo, hi, zero, x_u8 + v * r4);
+            k.quantise_u8(x + v * r, used, 1.0f / x_step, a.low, a.high, a.zero, x_u8 + v * r4);
             std::fill(x_u8 + v * r4 + used, x_u8 + (v + 1) * r4, uint8_t{0});
         }
     }
@@ -264,7 +256,7 @@ float EGemmLayer::Impl::int8_table(const float* x, FcScratch& s) const {
     float* factor = at_least(s.factor, rho);
     for (int64_t v = 0; v < rho; ++v) factor[v] = x_step * codebook_step[v] / scale;  // int32 sum -> int8 entry
     k.fc_table_u8s8(codebook_vnni.data(), vnni_first.data(), vnni_rows.data(), rho, r4, x_u8,
-                    offset ? codeword_sum.data() : nullptr, factor, int8_first.data(), table_i8);
+                    a.offset ? codeword_sum.data() : nullptr, factor, int8_first.data(), table_i8);
     return scale;
 }
 

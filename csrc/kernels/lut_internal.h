@@ -93,11 +93,33 @@ inline void pool_2x2_loop(const float* top, const float* bottom, int64_t n, bool
     }
 }
 
-/// The uint8 activation step from a calibrated int8 step (LutOptions::input_scale): inputs with
-/// negative values use it with a zero point of 128; inputs >= 0 spread the same range
-/// (127 steps) over all 255 levels.
-inline float calibrated_step(float input_scale, bool has_negatives) {
-    return has_negatives ? input_scale : input_scale * (127.0f / 255.0f);
+/// How the int8 VNNI builds (E-Conv and E-FC) quantise an input to uint8: value = step * (q - zero)
+/// with q clamped to [low, high] + zero. Inputs >= 0 (after a ReLU) use all 256 levels (zero 0);
+/// inputs with negative values a zero point of 128.
+struct ActivationQuantisation {
+    bool offset = false;  // zero point 128
+    float step = 1.0f;
+    float low = 0.0f, high = 255.0f, zero = 0.0f;
+};
+
+/// The quantisation of an input whose values span [smallest, largest]: the step is the
+/// calibrated int8 step (LutOptions::input_scale, largest |input| / 127) when given, inputs >= 0
+/// spreading that range over all 255 levels; else this input's own range.
+inline ActivationQuantisation activation_quantisation(float smallest, float largest, float input_scale) {
+    ActivationQuantisation q;
+    q.offset = smallest < 0.0f;
+    if (q.offset) {
+        q.low = -127.0f;
+        q.high = 127.0f;
+        q.zero = 128.0f;
+    }
+    const float range = q.offset ? std::max(-smallest, largest) / 127.0f : largest / 255.0f;
+    if (input_scale > 0.0f) {
+        q.step = q.offset ? input_scale : input_scale * (127.0f / 255.0f);
+    } else if (range > 0.0f && std::isfinite(range)) {
+        q.step = range;
+    }
+    return q;
 }
 
 struct KernelTable {
