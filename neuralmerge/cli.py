@@ -78,6 +78,9 @@ def main():
 @click.option("--temperature", type=float, default=None, help="Distillation temperature without labels (default 2).")
 @click.option("--holdout", type=float, default=None,
               help="Fraction of each model's calibration data held out to measure fidelity (default 0.1).")
+@click.option("--int8-aware/--no-int8-aware", default=None,
+              help="Calibrate on the int8 runtime's arithmetic (inputs, codebooks and tables rounded as "
+                   "'--lut int8' rounds them), for files meant to run on int8 tables (default off).")
 @click.option("--budget", type=float, default=None,
               help="Search r/C per group so the fidelity drop stays within this many percentage points.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted calibration from its checkpoint.")
@@ -85,7 +88,7 @@ def main():
               help="Where calibration checkpoints go (default: OUTPUT.ckpt).")
 @user_errors
 def merge(models, output, preset, r, codewords, config, compress_heads, input_shapes, codebook_dtype, report,
-          seed, force, quiet, calib, epochs, batch_size, lr, gamma, temperature, holdout, budget, resume,
+          seed, force, quiet, calib, epochs, batch_size, lr, gamma, temperature, holdout, int8_aware, budget, resume,
           checkpoint_dir):
     """Merge MODELS (ONNX files; one model = compression) into one ONNX file."""
     from .pipeline import merge as run_merge
@@ -96,7 +99,7 @@ def merge(models, output, preset, r, codewords, config, compress_heads, input_sh
                        quiet=quiet, calib=list(calib) or None, budget=budget, resume=resume,
                        checkpoint_dir=checkpoint_dir,
                        calibration={"epochs": epochs, "batch_size": batch_size, "lr": lr, "gamma": gamma,
-                                    "temperature": temperature, "holdout": holdout})
+                                    "temperature": temperature, "holdout": holdout, "int8_aware": int8_aware})
     if not quiet and result.report is not None:  # under torchrun only rank 0 reports
         click.echo(format_summary(result.report))
 

@@ -126,7 +126,7 @@ def merge(models: list, output: str | os.PathLike | None = None, *, config=None,
     With calibration data (``calib``: one ``.npy``/``.npz``/image folder per model, or the config's
     ``calibration.data``) the merged model is calibrated against the originals (docs/calibration.md);
     ``calibration`` overrides its settings (epochs, batch_size, lr, gamma, temperature, holdout,
-    patience); ``budget`` (percentage points of fidelity drop) searches r/C per group first.
+    patience, int8_aware); ``budget`` (percentage points of fidelity drop) searches r/C per group first.
     Returns the merged ``onnx.ModelProto`` and the report dict; writes ``output`` and ``report``
     (JSON, plus ``.md`` and plots when calibrated) when given, each atomically. Nothing is written
     if any step fails; an interrupted calibration leaves only its checkpoint. Under ``torchrun``

@@ -92,6 +92,7 @@ class CalibrationSettings:
     temperature: float = 2.0     # distillation temperature when there are no labels
     holdout: float = 0.1         # fraction of each model's calibration data kept aside to measure fidelity
     patience: int = 2            # epochs without a better held-out fidelity before stopping early
+    int8_aware: bool = False     # train and measure on the int8 runtime's table arithmetic (encode/int8_table.py)
 
     def with_overrides(self, **flags) -> "CalibrationSettings":
         """A copy with every non-None flag applied and checked."""
@@ -118,6 +119,10 @@ def _check_calibration_value(key: str, value, where: str):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: must be a list of paths, one per model")
         return list(value)
+    if key == "int8_aware":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
     kind, low, inclusive, high = _CALIBRATION_RULES[key]
     if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
         try:

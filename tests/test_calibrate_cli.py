@@ -49,6 +49,15 @@ def test_merge_with_calibration_writes_model_reports_and_plots(job, tmp_path):
         "merged.onnx", "report.json", "report.md", "report_fidelity.png", "report_groups.png", "report_loss.png"]
 
 
+def test_int8_aware_flag_reaches_the_calibration(job, tmp_path):
+    _, a, b, xa, xb = job
+    rep = tmp_path / "report.json"
+    proc = cli("merge", a, b, "-o", tmp_path / "m.onnx", *ENCODE, "--calib", xa, "--calib", xb, "--epochs", "1",
+               "--int8-aware", "--report", rep, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(rep.read_text())["calibration"]["settings"]["int8_aware"] is True
+
+
 def _bad_inputs(folder, tmp_path, a, b, xa, xb):
     rng = np.random.default_rng(1)
 

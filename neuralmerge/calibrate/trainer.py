@@ -5,8 +5,10 @@ Trainable: codebooks, E-layer biases and the dense heads; codes are fixed intege
 alternate between models. A held-out slice of each model's calibration data measures fidelity
 (top-1 agreement with the original, accuracy when labels exist) after every epoch; the best
 epoch is kept (epoch 0, the uncalibrated encoding, included) and training stops early when
-fidelity stops improving. Deterministic for a given seed, in one process or many: the step, the
-held-out sums and the epoch loop are the data-parallel ones of loop.py, shared with composition.
+fidelity stops improving. With ``int8_aware`` the student's E-layers run on the int8 runtime's
+table arithmetic (encode/int8_table.py) in training and in every fidelity measurement.
+Deterministic for a given seed, in one process or many: the step, the held-out sums and the
+epoch loop are the data-parallel ones of loop.py, shared with composition.
 """
 from __future__ import annotations
 
@@ -95,6 +97,7 @@ class Calibrator:
         self.desc = desc
         self.student = OnnxModule(merged).train()
         views = model_views(merged)
+        self._elayers = {tap.node: self.student.elayer(tap.node) for view in views for tap in view.taps}
         self.models = [_Model(t, views[i], d, settings.holdout, seed + i) for i, (t, d) in enumerate(zip(teachers, data))]
         params = self.student.onnx_params
         self.names = trainable_names(merged, heads)
@@ -115,7 +118,9 @@ class Calibrator:
         state = checkpoint.get("training") if checkpoint is not None else None
         if state is not None:
             state = self._restore(state)
+            self._measure_int8_ranges()
         else:
+            self._measure_int8_ranges()
             before = self.evaluate()
             state = {**new_state(best_key=self._key(before), best=self._snapshot()), "step": 0, "before": before}
             if checkpoint is not None:
@@ -123,6 +128,7 @@ class Calibrator:
         total_steps = self.settings.epochs * self._steps_per_epoch()
 
         def measure() -> tuple[dict, tuple]:
+            self._measure_int8_ranges()
             fidelity = self.evaluate()
             return {"fidelity": fidelity}, self._key(fidelity)
 
@@ -263,6 +269,19 @@ class Calibrator:
                 self.group.max_(peak)
                 scales.update({tap.node: float(peak[j]) for j, tap in enumerate(m.view.taps)})
         return scales
+
+    def _measure_int8_ranges(self) -> None:
+        """Int8-aware calibration: run the E-layers on the int8 table, with the activation ranges
+        the exported file will record (each input's own range while the first ones are measured)."""
+        if not self.settings.int8_aware:
+            return
+        if any(layer.int8_peak is None for layer in self._elayers.values()):
+            self._simulate_int8({})
+        self._simulate_int8(self.int8_scales())
+
+    def _simulate_int8(self, peaks: dict[str, float]) -> None:
+        for node, layer in self._elayers.items():
+            layer.int8_peak = peaks.get(node, 0.0)
 
     # ------------------------------------------------------------------ state
 

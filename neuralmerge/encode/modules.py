@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .int8_table import econv_int8, elinear_int8
+
 
 def decode_weight(codebook: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor, depth: int) -> torch.Tensor:
     """Gather codewords: codes ``[..., rho]`` -> weights ``[..., depth]`` (float32)."""
@@ -23,7 +25,12 @@ def decode_weight(codebook: torch.Tensor, codes: torch.Tensor, offsets: torch.Te
 
 
 class _ELayer(nn.Module):
-    """What every E-layer holds: a (shared) codebook, fixed codes and offsets, the depth, a bias."""
+    """What every E-layer holds: a (shared) codebook, fixed codes and offsets, the depth, a bias.
+
+    ``int8_peak`` switches the forward pass to the native runtime's int8 table (int8_table.py):
+    None computes in float (the exact path); a number is the calibrated largest |input| the
+    int8 runtime will use, 0 each input's own range.
+    """
 
     def __init__(self, codebook: nn.Parameter, codes: torch.Tensor, offsets: torch.Tensor, depth: int,
                  bias: nn.Parameter):
@@ -33,6 +40,7 @@ class _ELayer(nn.Module):
         self.register_buffer("codes", codes, persistent=False)
         self.register_buffer("offsets", offsets.long(), persistent=False)
         self.depth = int(depth)
+        self.int8_peak: float | None = None
 
     def decoded(self) -> torch.Tensor:
         return decode_weight(self.codebook, self.codes, self.offsets, self.depth)
@@ -57,6 +65,9 @@ class EConv2d(_ELayer):
         return self.decoded().permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_peak is not None:
+            return econv_int8(self.codebook, self.codes, self.offsets, self.depth, self.bias, x, strides=self.strides,
+                              pads=self.pads, dilations=self.dilations, group=self.group, peak=self.int8_peak)
         top, left, bottom, right = self.pads
         if top == bottom and left == right:
             padding = (top, left)
@@ -74,4 +85,8 @@ class ELinear(_ELayer):
         return self.decoded()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_peak is not None:
+            rows = x.reshape(-1, x.shape[-1])
+            y = elinear_int8(self.codebook, self.codes, self.offsets, self.depth, self.bias, rows, peak=self.int8_peak)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         return torch.matmul(x, self.weight().t()) + self.bias

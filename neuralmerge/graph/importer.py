@@ -156,6 +156,7 @@ class OnnxModule(nn.Module):
         self.elayers = nn.ModuleDict()  # submodules built by converters (the E-layers)
         self._param_keys: dict[str, str] = {}
         self._buffer_keys: dict[str, str] = {}
+        self._elayer_keys: dict[str, str] = {}  # node name -> key in self.elayers
         self._stored_dtype: dict[str, torch.dtype] = {}  # float initializers not stored as float32/64
         for proto in graph.initializer:
             self._add_initializer(proto)
@@ -198,10 +199,15 @@ class OnnxModule(nn.Module):
             return
         if spec.build is not None:
             ctx.module = spec.build(ctx, store)
-            self.elayers[_attribute_name(name, self.elayers)] = ctx.module
+            self._elayer_keys[name] = _attribute_name(name, self.elayers)
+            self.elayers[self._elayer_keys[name]] = ctx.module
         self._steps.append(_Step(ctx, spec.convert))
 
     # ------------------------------------------------------------ parameters
+
+    def elayer(self, node_name: str) -> nn.Module:
+        """The E-layer module built for the ONNX node ``node_name``."""
+        return self.elayers[self._elayer_keys[node_name]]
 
     @property
     def onnx_params(self) -> dict[str, nn.Parameter]:
