@@ -31,6 +31,9 @@ CONV_CASES = {
     "grouped": ((3, 2), (1, 1), (1, 0, 1, 1), (1, 1), 2, 6, 6, 4, 11),
     "depthwise": ((3, 3), (2, 1), (1, 1, 1, 1), (1, 1), 8, 1, 8, 1, 5),
     "1x1-many-terms": ((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, 300, 5, 1, 30),
+    # r = 8 and 16 (segments of 8 and 16 channels build tables on compile-time unrolled loops)
+    "r16-segments-of-16-16-8": ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 40, 5, 16, 24),
+    "r8-lenet-like": ((5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 1, 16, 6, 8, 20),
 }
 FC_CASES = {
     "small": (37, 70, 4, 12, np.uint8),

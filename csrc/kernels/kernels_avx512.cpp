@@ -430,15 +430,18 @@ inline void store_entries(__m512 v, __m512 inv_scale, uint8_t* out) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out), offset_binary(bytes));
 }
 
-// CW codewords x NV vectors of 16 pixels, all sums in registers.
-template <int CW, int NV, typename Elem>
-inline void conv_table_tile(const float* codebook, int64_t r, int64_t channels, const float* x, int64_t x_stride,
-                            int64_t ld, __m512 inv_scale, Elem* out) {
+// CW codewords x NV vectors of 16 pixels, all sums in registers. KC = channels as a template
+// argument (0: read at run time) unrolls the FMAs, as for the int8 build below.
+template <int CW, int NV, int KC, typename Elem>
+__attribute__((always_inline)) inline void conv_table_tile(const float* codebook, int64_t r, int64_t channels,
+                                                           const float* x, int64_t x_stride, int64_t ld,
+                                                           __m512 inv_scale, Elem* out) {
     __m512 acc[CW][NV];
     for (int c = 0; c < CW; ++c) {
         for (int i = 0; i < NV; ++i) acc[c][i] = _mm512_setzero_ps();
     }
-    for (int64_t k = 0; k < channels; ++k) {
+    const int64_t count = KC > 0 ? KC : channels;
+    for (int64_t k = 0; k < count; ++k) {
         __m512 pixels[NV];
         for (int i = 0; i < NV; ++i) pixels[i] = _mm512_loadu_ps(x + k * x_stride + 16 * i);
         for (int c = 0; c < CW; ++c) {
@@ -453,20 +456,33 @@ inline void conv_table_tile(const float* codebook, int64_t r, int64_t channels, 
 
 // Tiles of CW codewords x NV = 3 vectors (48 pixels) for CW = 8 (24 accumulators: each pixel
 // load feeds 8 FMAs), or NV = 4 for fewer codewords; then the ragged end of the row.
-template <int CW, typename Elem>
-inline void conv_table_rows(const float* codebook, int64_t r, int64_t channels, const float* x, int64_t x_stride,
-                            int64_t ld, __m512 inv_scale, Elem* out) {
+template <int CW, int KC, typename Elem>
+void conv_table_rows(const float* codebook, int64_t r, int64_t channels, const float* x, int64_t x_stride,
+                     int64_t ld, __m512 inv_scale, Elem* out) {
     constexpr int kMain = CW >= 8 ? 3 : 4;
     int64_t q = 0;
     for (; q + 16 * kMain <= ld; q += 16 * kMain) {
-        conv_table_tile<CW, kMain>(codebook, r, channels, x + q, x_stride, ld, inv_scale, out + q);
+        conv_table_tile<CW, kMain, KC>(codebook, r, channels, x + q, x_stride, ld, inv_scale, out + q);
     }
     switch ((ld - q) / 16) {
-        case 3: conv_table_tile<CW, 3>(codebook, r, channels, x + q, x_stride, ld, inv_scale, out + q); break;
-        case 2: conv_table_tile<CW, 2>(codebook, r, channels, x + q, x_stride, ld, inv_scale, out + q); break;
-        case 1: conv_table_tile<CW, 1>(codebook, r, channels, x + q, x_stride, ld, inv_scale, out + q); break;
+        case 3: conv_table_tile<CW, 3, KC>(codebook, r, channels, x + q, x_stride, ld, inv_scale, out + q); break;
+        case 2: conv_table_tile<CW, 2, KC>(codebook, r, channels, x + q, x_stride, ld, inv_scale, out + q); break;
+        case 1: conv_table_tile<CW, 1, KC>(codebook, r, channels, x + q, x_stride, ld, inv_scale, out + q); break;
         default: break;
     }
+}
+
+template <int KC, typename Elem>
+void conv_table_codewords(const float* codebook, int64_t rows, int64_t r, int64_t channels, const float* x,
+                          int64_t x_stride, int64_t ld, __m512 inv, Elem* out) {
+    int64_t c = 0;
+    for (; c + 8 <= rows; c += 8) {
+        conv_table_rows<8, KC>(codebook + c * r, r, channels, x, x_stride, ld, inv, out + c * ld);
+    }
+    for (; c + 4 <= rows; c += 4) {
+        conv_table_rows<4, KC>(codebook + c * r, r, channels, x, x_stride, ld, inv, out + c * ld);
+    }
+    for (; c < rows; ++c) conv_table_rows<1, KC>(codebook + c * r, r, channels, x, x_stride, ld, inv, out + c * ld);
 }
 
 // The table build is a GEMM with inner dimension r (8-16) and a few hundred rows and pixels.
@@ -479,10 +495,11 @@ template <typename Elem>
 void conv_table(const float* codebook, int64_t rows, int64_t r, int64_t channels, const float* x, int64_t x_stride,
                 int64_t ld, float inv_scale, Elem* out) {
     const __m512 inv = _mm512_set1_ps(inv_scale);
-    int64_t c = 0;
-    for (; c + 8 <= rows; c += 8) conv_table_rows<8>(codebook + c * r, r, channels, x, x_stride, ld, inv, out + c * ld);
-    for (; c + 4 <= rows; c += 4) conv_table_rows<4>(codebook + c * r, r, channels, x, x_stride, ld, inv, out + c * ld);
-    for (; c < rows; ++c) conv_table_rows<1>(codebook + c * r, r, channels, x, x_stride, ld, inv, out + c * ld);
+    switch (channels) {
+        case 8: conv_table_codewords<8>(codebook, rows, r, channels, x, x_stride, ld, inv, out); break;
+        case 16: conv_table_codewords<16>(codebook, rows, r, channels, x, x_stride, ld, inv, out); break;
+        default: conv_table_codewords<0>(codebook, rows, r, channels, x, x_stride, ld, inv, out); break;
+    }
 }
 
 // A 32-bit group of four int8 codeword values, read where it lies (vpdpbusd then takes it as an
