@@ -10,7 +10,7 @@
 // Arguments: element type (int8|fp16|fp32), segments, codewords per segment, table row length in
 // elements, kernel size, padded input width, output channels, pixel blocks, repetitions. Prints
 // the median nanoseconds per run of 64 pixels. `build COUNT` instead times the table build's
-// instructions (vpdpbusd for int8, vfmadd231ps for the others; below).
+// instructions (vpdpbusd for int8, vfmadd231ps for the others, and the int8 narrowing; below).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -104,13 +104,19 @@ __attribute__((noinline)) double throughput_ns(long count, Acc start, Step step)
 }
 
 int main(int argc, char** argv) {
-    if (argc == 3 && !std::strcmp(argv[1], "build")) {  // ns per vpdpbusd, ns per vfmadd231ps
+    if (argc == 3 && !std::strcmp(argv[1], "build")) {  // ns per vpdpbusd, vfmadd231ps, 16 entries narrowed
         const long count = std::atol(argv[2]);
         const __m512i x = _mm512_set1_epi32(0x01010101), w = _mm512_set1_epi32(0x01020304);
         const __m512 y = _mm512_set1_ps(0.999f), z = _mm512_set1_ps(0.001f);
         const double dot = throughput_ns(count, _mm512_set1_epi32(1), [&](__m512i a) { return _mm512_dpbusd_epi32(a, x, w); });
         const double fma = throughput_ns(count, _mm512_set1_ps(1.0f), [&](__m512 a) { return _mm512_fmadd_ps(a, y, z); });
-        std::printf("%.4f %.4f\n", dot, fma);
+        // The int8 build's narrowing of 16 int32 sums: to float, times the requantisation factor,
+        // rounded back, and a quarter of the byte packing of 64 entries (one pack per 16).
+        const __m512 factor = _mm512_set1_ps(0.01f);
+        const double narrow = throughput_ns(count, _mm512_set1_epi32(1000), [&](__m512i a) {
+            return _mm512_packs_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(a), factor)), a);
+        });
+        std::printf("%.4f %.4f %.4f\n", dot, fma, narrow);
         return 0;
     }
     if (argc != 10) {
