@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "lut_internal.h"
 
@@ -495,10 +496,14 @@ template <typename Elem>
 void conv_table(const float* codebook, int64_t rows, int64_t r, int64_t channels, const float* x, int64_t x_stride,
                 int64_t ld, float inv_scale, Elem* out) {
     const __m512 inv = _mm512_set1_ps(inv_scale);
-    switch (channels) {
-        case 8: conv_table_codewords<8>(codebook, rows, r, channels, x, x_stride, ld, inv, out); break;
-        case 16: conv_table_codewords<16>(codebook, rows, r, channels, x, x_stride, ld, inv, out); break;
-        default: conv_table_codewords<0>(codebook, rows, r, channels, x, x_stride, ld, inv, out); break;
+    // Unrolled for fp32 and fp16 tables; the int16 table's narrowing stores ran ~5% slower so.
+    constexpr bool kUnroll = std::is_same_v<Elem, float> || std::is_same_v<Elem, uint16_t>;
+    if (kUnroll && channels == 8) {
+        conv_table_codewords<kUnroll ? 8 : 0>(codebook, rows, r, channels, x, x_stride, ld, inv, out);
+    } else if (kUnroll && channels == 16) {
+        conv_table_codewords<kUnroll ? 16 : 0>(codebook, rows, r, channels, x, x_stride, ld, inv, out);
+    } else {
+        conv_table_codewords<0>(codebook, rows, r, channels, x, x_stride, ld, inv, out);
     }
 }
 
