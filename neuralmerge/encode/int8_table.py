@@ -29,8 +29,12 @@ INT8_LIMIT = 127.0
 
 @lru_cache(maxsize=None)
 def _native_kernels():
-    """The runtime's kernels module if this CPU has the AVX-512 VNNI kernels simulated here, else None."""
-    from neuralmerge.runtime import kernels  # numpy and the compiled module only
+    """The runtime's kernels module if this CPU has the AVX-512 VNNI kernels simulated here, else None
+    (also when the compiled module is missing: calibration then computes the forward in torch)."""
+    try:
+        from neuralmerge.runtime import kernels  # numpy and the compiled module only
+    except ImportError:
+        return None
     try:
         kernels.EGemm(np.ones((1, 1), np.float32), np.zeros((1, 1), np.uint8), np.zeros(1, np.int64), 1,
                       np.zeros(1, np.float32), lut="int8", isa="avx512")
