@@ -281,20 +281,19 @@ void EGemmLayer::run(const float* x, int64_t rows, float* y) const {
                 k.fc_gather_i8(s.table_i8.data(), m.base.data(), codes8, codes16, m.rho, m.blocks, sums);
             }
             for (int64_t t = 0; t < m.out_features; ++t) out[t] = m.bias[t] + scale * static_cast<float>(sums[t]);
-            if (m.relu) apply_relu(out, m.out_features);
-            continue;
-        }
-        float* table = at_least(s.table, m.total_rows);
-        if (m.precision == LutPrecision::kFp32) {
-            k.fc_table_f32(m.codebook_f32.data(), m.base.data(), m.rows.data(), m.rho, m.r, m.in_features, x_row,
-                           table);
         } else {
-            k.fc_table_f16(m.codebook_f16.data(), m.base.data(), m.rows.data(), m.rho, m.r, m.in_features, x_row,
-                           table);
+            float* table = at_least(s.table, m.total_rows);
+            if (m.precision == LutPrecision::kFp32) {
+                k.fc_table_f32(m.codebook_f32.data(), m.base.data(), m.rows.data(), m.rho, m.r, m.in_features, x_row,
+                               table);
+            } else {
+                k.fc_table_f16(m.codebook_f16.data(), m.base.data(), m.rows.data(), m.rho, m.r, m.in_features, x_row,
+                               table);
+            }
+            float* sums = at_least(s.sums, padded_out);
+            k.fc_gather_f32(table, m.base.data(), codes8, codes16, m.rho, m.blocks, sums);
+            for (int64_t t = 0; t < m.out_features; ++t) out[t] = m.bias[t] + sums[t];
         }
-        float* sums = at_least(s.sums, padded_out);
-        k.fc_gather_f32(table, m.base.data(), codes8, codes16, m.rho, m.blocks, sums);
-        for (int64_t t = 0; t < m.out_features; ++t) out[t] = m.bias[t] + sums[t];
         if (m.relu) apply_relu(out, m.out_features);
     }
 }

@@ -497,14 +497,11 @@ void conv_table(const float* codebook, int64_t rows, int64_t r, int64_t channels
                 int64_t ld, float inv_scale, Elem* out) {
     const __m512 inv = _mm512_set1_ps(inv_scale);
     // Unrolled for fp32 and fp16 tables; the int16 table's narrowing stores ran ~5% slower so.
-    constexpr bool kUnroll = std::is_same_v<Elem, float> || std::is_same_v<Elem, uint16_t>;
-    if (kUnroll && channels == 8) {
-        conv_table_codewords<kUnroll ? 8 : 0>(codebook, rows, r, channels, x, x_stride, ld, inv, out);
-    } else if (kUnroll && channels == 16) {
-        conv_table_codewords<kUnroll ? 16 : 0>(codebook, rows, r, channels, x, x_stride, ld, inv, out);
-    } else {
-        conv_table_codewords<0>(codebook, rows, r, channels, x, x_stride, ld, inv, out);
+    if constexpr (std::is_same_v<Elem, float> || std::is_same_v<Elem, uint16_t>) {
+        if (channels == 8) return conv_table_codewords<8>(codebook, rows, r, channels, x, x_stride, ld, inv, out);
+        if (channels == 16) return conv_table_codewords<16>(codebook, rows, r, channels, x, x_stride, ld, inv, out);
     }
+    conv_table_codewords<0>(codebook, rows, r, channels, x, x_stride, ld, inv, out);
 }
 
 // A 32-bit group of four int8 codeword values, read where it lies (vpdpbusd then takes it as an

@@ -174,9 +174,9 @@ def econv_int8(codebook: torch.Tensor, codes: torch.Tensor, offsets: torch.Tenso
     # (what the table's entries add up to before they are narrowed).
     weight = seg.decoded(words * cb_step[:, None, None]).permute(0, 3, 1, 2)
     top, left, bottom, right = pads
-    dense = F.conv2d(F.pad(levels[:, :, :depth].reshape(n, -1, height, width) * step.repeat_interleave(depth, 1)
-                           [:, :, None, None], (left, right, top, bottom)),
-                     weight, bias, tuple(strides), 0, tuple(dilations), group)
+    rounded = (levels * step[at_image])[:, :, :depth].reshape(n, group * depth, height, width)
+    dense = F.conv2d(F.pad(rounded, (left, right, top, bottom)), weight, bias, tuple(strides), 0, tuple(dilations),
+                     group)
     kernels = _native_kernels() if use_native else None
     if kernels is not None:
         with torch.no_grad():
