@@ -20,10 +20,11 @@ namespace nm = neuralmerge;
 
 namespace {
 
-nm::SessionOptions session_options(const std::string& lut, int threads) {
+nm::SessionOptions session_options(const std::string& lut, int threads, bool profile) {
     nm::SessionOptions options;
     options.precision = nm::parse_precision(lut);
     options.threads = threads;
+    options.profile = profile;
     return options;
 }
 
@@ -86,21 +87,27 @@ void bind_executor(py::module_& m) {
     });
 
     py::class_<nm::Session>(m, "Session", "A loaded .nmpack model (use neuralmerge.runtime.Session).")
-        .def_static("from_file", [](const std::string& path, const std::string& lut, int threads) {
+        .def_static("from_file", [](const std::string& path, const std::string& lut, int threads, bool profile) {
             py::gil_scoped_release release;
-            return nm::Session::from_file(path, session_options(lut, threads));
-        }, py::arg("path"), py::arg("lut") = "fp32", py::arg("threads") = 1)
-        .def_static("from_buffer", [](const py::bytes& data, const std::string& lut, int threads) {
+            return nm::Session::from_file(path, session_options(lut, threads, profile));
+        }, py::arg("path"), py::arg("lut") = "fp32", py::arg("threads") = 1, py::arg("profile") = false)
+        .def_static("from_buffer", [](const py::bytes& data, const std::string& lut, int threads, bool profile) {
             const std::string_view bytes = data;
             py::gil_scoped_release release;
-            return nm::Session::from_buffer(bytes.data(), bytes.size(), session_options(lut, threads));
-        }, py::arg("data"), py::arg("lut") = "fp32", py::arg("threads") = 1)
+            return nm::Session::from_buffer(bytes.data(), bytes.size(), session_options(lut, threads, profile));
+        }, py::arg("data"), py::arg("lut") = "fp32", py::arg("threads") = 1, py::arg("profile") = false)
         .def("inputs", [](const nm::Session& s) { return describe(s.inputs()); }, "[(name, dtype, shape)], -1 = free")
         .def("outputs", [](const nm::Session& s) { return describe(s.outputs()); }, "[(name, dtype, shape)], -1 = free")
         .def("run", &run, py::arg("feeds"), py::arg("outputs") = std::vector<std::string>{},
              "Run on {name: float32 array}; returns the requested outputs (all when empty) in order.")
         .def("inputs_needed", &nm::Session::inputs_needed, py::arg("output"),
              "The graph inputs an output depends on, in input order.")
-        .def("describe_kernels", &nm::Session::describe_kernels, "One line per E-layer: node, op, kernel.");
+        .def("describe_kernels", &nm::Session::describe_kernels, "One line per E-layer: node, op, kernel.")
+        .def("profile", [](const nm::Session& s) {
+            py::list out;
+            for (const nm::NodeProfile& p : s.profile()) out.append(py::make_tuple(p.name, p.op, p.kernel, p.calls, p.seconds));
+            return out;
+        }, "[(node, op, kernel, calls, seconds)] of the nodes that ran since the last reset (profiling sessions).")
+        .def("reset_profile", &nm::Session::reset_profile, "Zero every node's calls and seconds.");
     m.def("cpu_features", &nm::cpu_features, "Instruction-set features of this CPU the kernels use.");
 }

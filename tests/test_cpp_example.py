@@ -49,6 +49,27 @@ def test_run_model_matches_the_python_session(example_build, tmp_path):
     assert int(match[2]) == int(want.argmax()) and abs(float(match[3]) - float(want.max())) < 1e-3
 
 
+def test_run_model_profiles_every_node(example_build, tmp_path):
+    a, b = hetero_pair(tmp_path)
+    merged = neuralmerge.merge([a, b], r=4, codewords=16, quiet=True).model
+    (tmp_path / "m.nmpack").write_bytes(pack_model(merged))
+    done = subprocess.run([str(example_build / "run_model"), str(tmp_path / "m.nmpack"), "--profile", "4"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    start = lines.index("node times, mean of 4 runs:")
+    rows = [re.fullmatch(r" *([0-9.]+) us  (\S+)  (\w+)(  .+)?", line) for line in lines[start + 1:]]
+    # Every node ran, but the Relus folded into the E-layers before them.
+    names = {row[2] for row in rows}
+    assert all(rows) and {n.name for n in merged.graph.node if n.op_type != "Relu"} <= names
+    assert names <= {n.name for n in merged.graph.node}
+    assert all(float(row[1]) >= 0 for row in rows)
+    assert {row[3] for row in rows if row[4]} <= {"EConv", "EGemm"}
+    done = subprocess.run([str(example_build / "run_model"), str(tmp_path / "m.nmpack"), "--profile", "0"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr == "error: --profile needs a number of runs >= 1, got '0'\n"
+
+
 def test_run_model_refuses_a_bad_file_in_one_line(example_build, tmp_path):
     (tmp_path / "bad.nmpack").write_bytes(b"NMPACK01 but nothing after")
     done = subprocess.run([str(example_build / "run_model"), str(tmp_path / "bad.nmpack")], capture_output=True,

@@ -1,6 +1,11 @@
 """neuralmerge.runtime.Session against stock onnxruntime on merged models, feeds, and the CLI."""
 from __future__ import annotations
 
+import json
+import re
+import time
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,8 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import neuralmerge
 import neuralmerge.cli as cli
+from neuralmerge.errors import ConfigError
 from neuralmerge.runtime import FeedError, ModelError, Session, pack_model
-from neuralmerge.runtime.cli_runtime import pack_cmd, run_cmd
+from neuralmerge.runtime.cli_runtime import bench_cmd, pack_cmd, run_cmd
 from neuralmerge.zoo.architectures import LeNet, MobileNetStyle, ResNetStyle, VGGStyle
 from neuralmerge.zoo.train import export_onnx
 
@@ -34,14 +40,21 @@ def assert_parity(model: onnx.ModelProto, feeds: dict, lut: str = "fp32", rtol: 
 
 
 @pytest.fixture(scope="module")
-def merged(tmp_path_factory) -> dict[str, onnx.ModelProto]:
-    """Merged models built by the real pipeline: a LeNet pair and three single-model compressions."""
-    tmp = tmp_path_factory.mktemp("merged")
+def lenet_sources(tmp_path_factory) -> tuple[Path, Path]:
+    """Two untrained LeNets (10 and 20 classes, 16x16 inputs) as ONNX files."""
+    tmp = tmp_path_factory.mktemp("sources")
     torch.manual_seed(0)
-    out = {}
     a = export_onnx(LeNet(10, image_size=16), tmp / "a.onnx", (1, 16, 16))
     b = export_onnx(LeNet(20, image_size=16), tmp / "b.onnx", (1, 16, 16))
-    out["lenet_pair"] = neuralmerge.merge([str(a), str(b)], quiet=True, fidelity_samples=2).model
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory, lenet_sources) -> dict[str, onnx.ModelProto]:
+    """Merged models built by the real pipeline: a LeNet pair and three single-model compressions."""
+    tmp = tmp_path_factory.mktemp("merged")
+    out = {}  # torch's generator continues from lenet_sources' seed
+    out["lenet_pair"] = neuralmerge.merge([str(p) for p in lenet_sources], quiet=True, fidelity_samples=2).model
     for name, net in [("vgg", VGGStyle(10, image_size=16)), ("resnet", ResNetStyle(10)),
                       ("mobilenet", MobileNetStyle(10))]:
         net.eval()
@@ -324,3 +337,73 @@ def test_calibrated_int8_ranges_are_used_as_quantisation_steps(tmp_path):
     for name in ("ya", "yb"):
         error = np.linalg.norm(quantised[name] - exact[name]) / np.linalg.norm(exact[name])
         assert error < 0.05, (name, error)
+
+
+def test_profile_times_every_node_of_every_run(merged):
+    model = merged["lenet_pair"]
+    names = {node.name for node in model.graph.node}
+    feeds = feeds_for(model, 1)
+    for threads in (1, 2):  # with 2 threads the two tasks may run side by side
+        session = Session(pack_model(model), lut="int8", threads=threads, profile=True)
+        assert "profile=True" in repr(session)
+        start = time.perf_counter()
+        for _ in range(3):
+            session.run(feeds)
+        wall = time.perf_counter() - start
+        nodes = session.node_times()
+        assert {n.name for n in nodes} <= names and len(nodes) >= 10
+        assert all(n.calls == 3 and n.seconds > 0 and n.mean_ms == pytest.approx(n.seconds / 3 * 1e3) for n in nodes)
+        encoded = [n for n in nodes if n.op in ("EConv", "EGemm")]
+        assert len(encoded) == 6 and all(n.kernel.startswith("int8-") for n in encoded)
+        assert all(n.kernel == "" for n in nodes if n not in encoded)
+        assert sum(n.seconds for n in nodes) <= wall * threads
+
+        # Reset, then one task alone: only its nodes ran.
+        session.reset_node_times()
+        assert session.node_times() == []
+        session.run({"m1.input": feeds["m1.input"]}, outputs=["m1.logits"])
+        alone = session.node_times()
+        assert 0 < len(alone) < len(nodes) and all(n.calls == 1 for n in alone)
+        assert {n.name for n in alone} == {n.name for n in nodes if n.name.startswith("m1.")}
+
+
+def test_node_times_need_a_profiling_session(merged):
+    session = Session(pack_model(merged["lenet_pair"]))
+    session.run(feeds_for(merged["lenet_pair"], 1))
+    with pytest.raises(ConfigError, match=r"create it with Session\(\.\.\., profile=True\)"):
+        session.node_times()
+    with pytest.raises(ConfigError, match="profile must be True or False"):
+        Session(pack_model(merged["lenet_pair"]), profile="yes")
+
+
+def test_cli_bench_against_the_originals(merged, lenet_sources, tmp_path):
+    onnx.save(merged["lenet_pair"], tmp_path / "m.onnx")
+    a, b = lenet_sources
+    args = [str(tmp_path / "m.onnx"), "--baseline", str(a), "--baseline", str(b), "--lut", "fp32", "--lut", "int8",
+            "--repeat", "5", "--warmup", "1", "--profile", "--json", str(tmp_path / "bench.json")]
+    result = CliRunner().invoke(bench_cmd, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["ort_fp32_ms"] > 0 and report["ort_int8_ms"] > 0 and list(report["runtime_ms"]) == ["fp32", "int8"]
+    for lut, ms in report["runtime_ms"].items():
+        assert report["ratios"][lut]["vs_ort_fp32"] == pytest.approx(report["ort_fp32_ms"] / ms)
+        assert report["ratios"][lut]["vs_ort_int8"] == pytest.approx(report["ort_int8_ms"] / ms)
+        nodes = report["profile"][lut]["nodes"]
+        assert all(n["calls"] == 5 for n in nodes) and sum(n["share"] for n in nodes) == pytest.approx(1.0)
+        assert {n["node"] for n in nodes} == {n.name for n in merged["lenet_pair"].graph.node if n.op_type != "Relu"}
+    assert report["merged"]["bytes"] == (tmp_path / "m.onnx").stat().st_size
+    assert report["peak_rss"]["peak_bytes"] > report["peak_rss"]["session_bytes"] > 0
+    assert "| merged, neuralmerge runtime int8 |" in result.output
+    assert "Where the time goes, int8: node times add up to" in result.output
+
+    # An existing --json is not overwritten without --force: one error line, exit 1.
+    result = CliRunner().invoke(bench_cmd, args)
+    assert result.exit_code == 1 and result.output.startswith("error: ") and len(result.output.splitlines()) == 1
+    result = CliRunner().invoke(bench_cmd, [str(tmp_path / "m.onnx"), "--baseline", str(tmp_path / "missing.onnx")])
+    assert result.exit_code == 1 and result.output == f"error: no such ONNX file: {tmp_path / 'missing.onnx'}\n"
+
+    # A packed model, no baselines: runtime times only, no ratios.
+    (tmp_path / "m.nmpack").write_bytes(pack_model(merged["lenet_pair"]))
+    result = CliRunner().invoke(bench_cmd, [str(tmp_path / "m.nmpack"), "--lut", "int8", "--repeat", "3"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"\| merged, neuralmerge runtime int8 \| [0-9.]+ \| – \| – \|", result.output)

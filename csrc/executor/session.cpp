@@ -185,6 +185,8 @@ class SessionImpl {
             node_outputs_.push_back(std::move(outs));
             ops_.push_back(detail::make_op(node, *model_, options_));
         }
+        node_calls_.assign(nodes_.size(), 0);
+        node_seconds_.assign(nodes_.size(), 0.0);
         for (const TensorInfo& output : model_->outputs) output_ids_.push_back(values_.at(output.name));
 
         // Plan once for every output with free dimensions set to 1: shape errors surface at load.
@@ -269,6 +271,24 @@ class SessionImpl {
             if (!op->kernel().empty()) lines.push_back(op->node().name + ": " + op->node().op + " " + op->kernel());
         }
         return lines;
+    }
+
+    std::vector<NodeProfile> profile() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        std::vector<NodeProfile> nodes;
+        for (size_t n = 0; n < ops_.size(); ++n) {
+            if (node_calls_[n] == 0) continue;
+            const detail::Node& node = ops_[n]->node();
+            nodes.push_back({node.name, node.op, ops_[n]->kernel(),
+                             node_calls_[n], node_seconds_[n]});
+        }
+        return nodes;
+    }
+
+    void reset_profile() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        std::fill(node_calls_.begin(), node_calls_.end(), 0);
+        std::fill(node_seconds_.begin(), node_seconds_.end(), 0.0);
     }
 
    private:
@@ -539,7 +559,16 @@ class SessionImpl {
             ctx.out.push_back(const_cast<float*>(pointer(plan, feeds, id)));  // arena memory: writable
             out.push_back(id == kNoValue ? nullptr : &plan.infos[id]);
         }
+        if (!options_.profile) {
+            ops_[n]->run(in, out, ctx);
+            return;
+        }
+        // Tasks running side by side run different nodes, so each slot has one writer; run()
+        // holds mutex_, so profile() never reads a slot while it is written.
+        const auto start = std::chrono::steady_clock::now();
         ops_[n]->run(in, out, ctx);
+        node_seconds_[n] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        ++node_calls_[n];
     }
 
     float* task_workspace(Plan& plan, size_t task) {
@@ -618,6 +647,8 @@ class SessionImpl {
     std::vector<std::vector<int>> node_inputs_, node_outputs_;
     std::vector<detail::Node> nodes_;  // the model's, with Relus folded into E-layers; ops_ refer to them
     std::vector<std::unique_ptr<Op>> ops_;
+    std::vector<int64_t> node_calls_;  // per node: runs and seconds since the last reset_profile()
+    std::vector<double> node_seconds_;
     std::map<std::string, std::unique_ptr<Plan>> plans_;
     std::mutex mutex_;
 };
@@ -666,5 +697,7 @@ std::vector<std::string> Session::describe_kernels() const { return impl_->descr
 std::vector<std::string> Session::inputs_needed(const std::string& output) const {
     return impl_->inputs_needed(output);
 }
+std::vector<NodeProfile> Session::profile() const { return impl_->profile(); }
+void Session::reset_profile() { impl_->reset_profile(); }
 
 }  // namespace neuralmerge

@@ -1,11 +1,13 @@
 // Loads a packed merged model (.nmpack, written by `neuralmerge pack merged.onnx -o merged.nmpack`)
 // and runs it without Python. Each input is read from a raw float32 file (NAME=FILE) or, when not
-// given, filled with 0.5; free dimensions are 1. Prints every output's shape and arg-max.
+// given, filled with 0.5; free dimensions are 1. Prints every output's shape and arg-max; with
+// --profile RUNS, then each node's mean time over RUNS more runs.
 //
-//   run_model merged.nmpack [--lut fp32|fp16|int16|int8] [--output NAME] [NAME=input.f32 ...]
+//   run_model merged.nmpack [--lut fp32|fp16|int16|int8] [--output NAME] [--profile RUNS] [NAME=input.f32 ...]
 #include <neuralmerge/executor.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <string>
@@ -14,18 +16,27 @@
 
 int main(int argc, char** argv) {
     if (argc < 2) {
-        std::fprintf(stderr, "usage: %s MODEL.nmpack [--lut P] [--output NAME] [NAME=FILE.f32 ...]\n", argv[0]);
+        std::fprintf(stderr, "usage: %s MODEL.nmpack [--lut P] [--output NAME] [--profile RUNS] [NAME=FILE.f32 ...]\n",
+                     argv[0]);
         return 2;
     }
     neuralmerge::SessionOptions options;
     std::vector<std::string> outputs;
     std::map<std::string, std::string> files;
+    long profile_runs = 0;
     for (int i = 2; i < argc; ++i) {
         const std::string arg = argv[i];
         if (arg == "--lut" && i + 1 < argc) {
             options.precision = neuralmerge::parse_precision(argv[++i]);
         } else if (arg == "--output" && i + 1 < argc) {
             outputs.emplace_back(argv[++i]);
+        } else if (arg == "--profile" && i + 1 < argc) {
+            profile_runs = std::strtol(argv[++i], nullptr, 10);
+            if (profile_runs < 1) {
+                std::fprintf(stderr, "error: --profile needs a number of runs >= 1, got '%s'\n", argv[i]);
+                return 2;
+            }
+            options.profile = true;
         } else if (arg.find('=') != std::string::npos) {
             files[arg.substr(0, arg.find('='))] = arg.substr(arg.find('=') + 1);
         } else {
@@ -66,6 +77,15 @@ int main(int argc, char** argv) {
             std::string shape;
             for (int64_t d : t.shape) shape += (shape.empty() ? "" : "x") + std::to_string(d);
             std::printf("%s: %s, arg-max %zu (%.4f)\n", name.c_str(), shape.c_str(), best, t.data[best]);
+        }
+        if (profile_runs > 0) {
+            session.reset_profile();  // the first run above planned buffers and warmed the caches
+            for (long run = 0; run < profile_runs; ++run) session.run(feeds, outputs);
+            std::printf("node times, mean of %ld runs:\n", profile_runs);
+            for (const neuralmerge::NodeProfile& node : session.profile()) {
+                std::printf("%10.1f us  %s  %s%s%s\n", node.seconds / static_cast<double>(node.calls) * 1e6,
+                            node.name.c_str(), node.op.c_str(), node.kernel.empty() ? "" : "  ", node.kernel.c_str());
+            }
         }
     } catch (const std::exception& e) {  // ModelError, InputError or a bad --lut value
         std::fprintf(stderr, "error: %s\n", e.what());

@@ -7,7 +7,7 @@ package needs neither the compiled module ``neuralmerge._lut`` nor ``onnx``.
     out = Session("merged.onnx", lut="int8").run({"m0.input": x})
 """
 _EXPORTS = {
-    "Session": "session", "TensorSpec": "session", "FeedError": "session",
+    "Session": "session", "TensorSpec": "session", "NodeTime": "session", "FeedError": "session",
     "ModelError": "pack", "pack_model": "pack", "pack_file": "pack",
     "econv": "kernels", "egemm": "kernels", "KernelInputError": "kernels",
 }

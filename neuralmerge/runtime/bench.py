@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from neuralmerge.io.onnx_files import ort_session
+from neuralmerge.io.onnx_files import ModelLoadError, ort_session
 from neuralmerge.runtime.session import PRECISIONS, Session
 
-__all__ = ["benchmark", "median_ms", "random_feeds", "quantize_int8", "session_peak_rss"]
+__all__ = ["benchmark", "format_benchmark", "format_profile", "median_ms", "random_feeds", "quantize_int8",
+           "session_peak_rss"]
 
 
 SETTLE_RUNS = 7  # kWarmupRuns + 2 * kTrialRuns in csrc/executor/session.cpp
@@ -93,10 +94,17 @@ def session_peak_rss(model: str | os.PathLike, lut: str) -> dict:
 
 def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, threads: int = 1,
               luts: tuple[str, ...] = PRECISIONS, repeat: int = 200, warmup: int = 20, int8_baseline: bool = True,
-              seed: int = 0) -> dict:
-    """Time ``merged`` in the runtime at each ``lut`` and ``baselines`` back to back in ORT."""
-    from neuralmerge.runtime import pack_model
+              profile: bool = False, seed: int = 0) -> dict:
+    """Time ``merged`` (.onnx or .nmpack) in the runtime at each ``lut`` and ``baselines`` back to back in ORT.
 
+    ``profile`` adds ``result["profile"][lut]``: each node's mean time over ``repeat`` more runs
+    of a profiling session (kept apart from the timed runs, which it would slow down).
+    """
+    from neuralmerge.runtime.pack import MAGIC, pack_model
+
+    for path in [merged, *baselines]:
+        if not Path(path).is_file():
+            raise ModelLoadError(f"no such ONNX file: {path}")
     rng = np.random.default_rng(seed)
     result: dict = {"threads": threads, "repeat": repeat, "warmup": warmup, "cpu": _cpu_features(),
                     "merged": {"path": str(merged), "bytes": Path(merged).stat().st_size},
@@ -116,7 +124,9 @@ def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, 
                 int8 = [ort_session(p, threads) for p in int8_paths]
             result["ort_int8_ms"] = median_ms(lambda: [s.run(None, f) for s, f in zip(int8, fp32_feeds)], repeat, warmup)
 
-    packed = pack_model(merged)
+    packed = Path(merged).read_bytes()
+    if not packed.startswith(MAGIC):
+        packed = pack_model(merged)
     result["merged"]["nmpack_bytes"] = len(packed)
     for lut in luts:
         session = Session(packed, lut=lut, threads=threads)
@@ -131,12 +141,44 @@ def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, 
         if "ort_int8_ms" in result:
             ratios["vs_ort_int8"] = result["ort_int8_ms"] / ms
         result["ratios"][lut] = ratios
+        if profile:
+            result.setdefault("profile", {})[lut] = _node_profile(packed, lut, threads, feeds, repeat, warmup)
     with tempfile.TemporaryDirectory() as tmp:
         pack_path = Path(tmp) / "merged.nmpack"
         pack_path.write_bytes(packed)
         result["peak_rss"] = session_peak_rss(pack_path, luts[0])
     result["threadpools"] = _threadpools()
     return result
+
+
+def _node_profile(packed: bytes, lut: str, threads: int, feeds: dict, repeat: int, warmup: int) -> dict:
+    session = Session(packed, lut=lut, threads=threads, profile=True)
+    for _ in range(max(warmup, SETTLE_RUNS)):
+        session.run(feeds)
+    session.reset_node_times()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        session.run(feeds)
+    run_ms = (time.perf_counter() - start) / repeat * 1e3
+    nodes = session.node_times()
+    total = sum(n.seconds for n in nodes) or 1.0
+    return {"run_ms": run_ms, "nodes": [{"node": n.name, "op": n.op, "kernel": n.kernel, "calls": n.calls,
+                                         "mean_ms": n.mean_ms, "share": n.seconds / total} for n in nodes]}
+
+
+def format_profile(lut: str, profile: dict, top: int = 10) -> str:
+    """A Markdown table of the ``top`` slowest nodes of one benchmark() profile."""
+    nodes = sorted(profile["nodes"], key=lambda n: -n["mean_ms"])
+    node_ms = sum(n["mean_ms"] for n in nodes)
+    lines = [f"Where the time goes, {lut}: node times add up to {node_ms:.3f} ms of a {profile['run_ms']:.3f} ms run "
+             f"(mean of profiled runs)", "", "| node | op | kernel | ms | share |", "|---|---|---|---:|---:|"]
+    for n in nodes[:top]:
+        lines.append(f"| {n['node']} | {n['op']} | {n['kernel']} | {n['mean_ms']:.4f} | {100 * n['share']:.1f}% |")
+    rest = nodes[top:]
+    if rest:
+        lines.append(f"| {len(rest)} other nodes | | | {sum(n['mean_ms'] for n in rest):.4f} | "
+                     f"{100 * sum(n['share'] for n in rest):.1f}% |")
+    return "\n".join(lines)
 
 
 def format_benchmark(result: dict) -> str:
@@ -150,11 +192,13 @@ def format_benchmark(result: dict) -> str:
                      f"{result['ort_fp32_ms'] / result['ort_int8_ms']:.2f} | 1.00 |")
     for lut, ms in result["runtime_ms"].items():
         r = result["ratios"][lut]
-        lines.append(f"| merged, neuralmerge runtime {lut} | {ms:.3f} | {r.get('vs_ort_fp32', float('nan')):.2f} | "
-                     f"{r.get('vs_ort_int8', float('nan')):.2f} |")
+        cells = [f"{r[key]:.2f}" if key in r else "–" for key in ("vs_ort_fp32", "vs_ort_int8")]
+        lines.append(f"| merged, neuralmerge runtime {lut} | {ms:.3f} | {cells[0]} | {cells[1]} |")
     rss = result["peak_rss"]
     lines += ["", f"merged file {result['merged']['bytes']:,} bytes; session peak RSS {rss['peak_bytes'] / 2**20:.1f} MiB "
               f"({rss['session_bytes'] / 2**20:.1f} MiB above the bare interpreter)"]
+    for lut, profile in result.get("profile", {}).items():
+        lines += ["", format_profile(lut, profile)]
     return "\n".join(lines)
 
 

@@ -99,15 +99,17 @@ def pack_cmd(model, output, force):
 @click.option("--repeat", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--warmup", type=click.IntRange(0), default=20, show_default=True)
 @click.option("--no-int8-baseline", is_flag=True, help="Skip the statically quantised int8 baseline.")
+@click.option("--profile", is_flag=True,
+              help="Also time every node (in separate runs) and show where the time goes.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the results here.")
 @click.option("--force", is_flag=True, help="Overwrite --json.")
 @user_errors
-def bench_cmd(model, baselines, threads, luts, repeat, warmup, no_int8_baseline, json_path, force):
-    """Time merged MODEL in the runtime against the original models in ONNX Runtime (batch 1)."""
+def bench_cmd(model, baselines, threads, luts, repeat, warmup, no_int8_baseline, profile, json_path, force):
+    """Time merged MODEL (.onnx or .nmpack) in the runtime against the original models in ONNX Runtime (batch 1)."""
     from neuralmerge.runtime.bench import benchmark, format_benchmark
 
     result = benchmark(model, list(baselines), threads=threads, luts=tuple(luts) or PRECISIONS, repeat=repeat,
-                       warmup=warmup, int8_baseline=not no_int8_baseline)
+                       warmup=warmup, int8_baseline=not no_int8_baseline, profile=profile)
     if json_path:
         write_bytes_atomic(json.dumps(result, indent=2).encode(), json_path, force=force)
     click.echo(format_benchmark(result))

@@ -5,6 +5,9 @@
     out = s.run({"m0.input": xa, "m1.input": xb})          # {output name: array}
     out = s.run({"m1.input": xb}, outputs=["m1.logits"])   # one task only
 
+    s = Session("merged.onnx", lut="int8", profile=True)    # time every node of every run
+    s.run(feeds); s.node_times()                            # [NodeTime(name, op, kernel, calls, seconds)]
+
 An ``.onnx`` file is packed in memory first (needs ``onnx``, never torch). All validation
 happens in C++: a bad file raises :class:`ModelError`, bad feeds raise :class:`FeedError`.
 """
@@ -21,7 +24,7 @@ from neuralmerge.errors import ConfigError, NeuralMergeError
 from neuralmerge.runtime import _native
 from neuralmerge.runtime.pack import MAGIC, ModelError, pack_model
 
-__all__ = ["Session", "TensorSpec", "FeedError", "ModelError", "PRECISIONS"]
+__all__ = ["Session", "TensorSpec", "NodeTime", "FeedError", "ModelError", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "fp16", "int16", "int8")
 
@@ -38,6 +41,20 @@ class TensorSpec:
     dtype: str
 
 
+@dataclass(frozen=True)
+class NodeTime:
+    """Time one node took over a profiling session's runs since it was created or reset."""
+    name: str
+    op: str
+    kernel: str  # the kernel an E-layer runs on, "+ Relu" when one was folded into it ("" for other ops)
+    calls: int
+    seconds: float  # wall time inside the node, summed over its calls
+
+    @property
+    def mean_ms(self) -> float:
+        return self.seconds / self.calls * 1e3
+
+
 class Session:
     """A merged model loaded into the native runtime.
 
@@ -46,18 +63,22 @@ class Session:
     ``"int8"``. ``threads`` is the number of threads a run may use: ops split their work over them,
     or, for a merged model whose tasks are independent, the tasks may run side by side (the
     session times both ways on its first runs and keeps the faster; see docs/runtime.md).
+    ``profile=True`` times every node of every run (:meth:`node_times`), at the cost of two clock
+    reads per node.
     """
 
-    def __init__(self, model: str | os.PathLike | bytes, lut: str = "fp32", threads: int = 1):
+    def __init__(self, model: str | os.PathLike | bytes, lut: str = "fp32", threads: int = 1, profile: bool = False):
         if lut not in PRECISIONS:
             raise ConfigError(f"lut must be one of {', '.join(PRECISIONS)}, got {lut!r}")
         if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 1024:
             raise ConfigError(f"threads must be an integer in [1, 1024], got {threads!r}")
+        if not isinstance(profile, bool):
+            raise ConfigError(f"profile must be True or False, got {profile!r}")
         lib = self._lib = _native.load()
-        self.lut, self.threads = lut, threads
+        self.lut, self.threads, self.profile = lut, threads, profile
         try:
             if isinstance(model, (bytes, bytearray, memoryview)):
-                self._native = lib.Session.from_buffer(bytes(model), lut, threads)
+                self._native = lib.Session.from_buffer(bytes(model), lut, threads, profile)
             else:
                 path = Path(model)
                 if not path.is_file():
@@ -65,9 +86,9 @@ class Session:
                 with open(path, "rb") as f:
                     is_pack = f.read(len(MAGIC)) == MAGIC
                 if is_pack:
-                    self._native = lib.Session.from_file(str(path), lut, threads)
+                    self._native = lib.Session.from_file(str(path), lut, threads, profile)
                 else:
-                    self._native = lib.Session.from_buffer(pack_model(path), lut, threads)
+                    self._native = lib.Session.from_buffer(pack_model(path), lut, threads, profile)
         except lib.ModelError as exc:
             raise ModelError(str(exc)) from None
         self.inputs = [_spec(*entry) for entry in self._native.inputs()]
@@ -104,9 +125,25 @@ class Session:
         """One line per encoded layer: node name, op and the kernel the runtime chose."""
         return list(self._native.describe_kernels())
 
+    def node_times(self) -> list[NodeTime]:
+        """Time per node over the runs since the session was created or :meth:`reset_node_times`.
+
+        Nodes that did not run are left out; the order is the model's. With ``threads`` >= 2 a
+        merged model's tasks may run side by side, so the times can add up to more than a run's.
+        """
+        if not self.profile:
+            raise ConfigError("this session does not profile: create it with Session(..., profile=True)")
+        return [NodeTime(*entry) for entry in self._native.profile()]
+
+    def reset_node_times(self) -> None:
+        """Forget the node times so far (e.g. those of warm-up runs)."""
+        if not self.profile:
+            raise ConfigError("this session does not profile: create it with Session(..., profile=True)")
+        self._native.reset_profile()
+
     def __repr__(self) -> str:
         return (f"Session(inputs={[s.name for s in self.inputs]}, outputs={[s.name for s in self.outputs]}, "
-                f"lut={self.lut!r}, threads={self.threads})")
+                f"lut={self.lut!r}, threads={self.threads}{', profile=True' if self.profile else ''})")
 
 
 def _spec(name: str, dtype: str, shape: list[int]) -> TensorSpec:

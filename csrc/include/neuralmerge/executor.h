@@ -40,6 +40,17 @@ struct SessionOptions {
     /// Threads a run may use: ops split their work, or independent tasks run side by side
     /// (whichever the first runs measured faster; docs/runtime.md).
     int threads = 1;
+    /// Time every node of every run (Session::profile): two clock reads per node, so off by default.
+    bool profile = false;
+};
+
+/// Time one node took over the runs since the session was created or its profile was reset.
+struct NodeProfile {
+    std::string name;    ///< the node's name in the model
+    std::string op;      ///< its op type
+    std::string kernel;  ///< the kernel an E-layer runs on, "+ Relu" when one was folded into it ("" for other ops)
+    int64_t calls = 0;
+    double seconds = 0.0;  ///< wall time inside the node, summed over its calls
 };
 
 /// Name, element type and shape of a graph input or output; -1 marks a dimension fixed per call.
@@ -92,6 +103,12 @@ class Session {
 
     /// One line per E-layer: node name, kind and the kernel chosen for it.
     std::vector<std::string> describe_kernels() const;
+
+    /// Nodes that ran since the session was created or reset_profile(), in model order (empty
+    /// unless SessionOptions::profile). With threads >= 2 a merged model's tasks may run side by
+    /// side, so node times can add up to more than a run's wall time.
+    std::vector<NodeProfile> profile() const;
+    void reset_profile();
 
    private:
     explicit Session(std::unique_ptr<SessionImpl> impl);
