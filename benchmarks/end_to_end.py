@@ -4,8 +4,9 @@ Pairs (random weights: latency does not depend on training):
   lenet   the paper's LeNet pair (10 and 20 classes, 1x32x32), merged with preset "accu"
   vgg-zf  VGG-16 with average pooling + ZF-Net at 3x224x224, merged with preset "accu"
 
-    python benchmarks/end_to_end.py --pairs lenet --threads 1 2 --out bench-e2e
-    -> bench-e2e/end_to_end.json, bench-e2e/end_to_end.md
+    python benchmarks/end_to_end.py --pairs lenet --threads 1 2 --out bench-e2e [--profile]
+    -> bench-e2e/end_to_end.json, bench-e2e/end_to_end.md (--profile: plus each precision's
+       slowest nodes, timed in separate runs)
 
 Targets (1 thread, ORT fp32 time of both originals back to back / our time): LeNet fp32 >= 1.5x,
 int8 >= 4x, int8 >= 1x vs the originals in ORT static int8; session peak RSS <= 2x the merged
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeat", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("bench-e2e"))
+    parser.add_argument("--profile", action="store_true", help="also time every node of the merged model")
     args = parser.parse_args()
 
     results, report = {}, ["# End-to-end latency (batch 1)", ""]
@@ -99,7 +101,8 @@ def main() -> None:
         merged, originals = build_pair(pair, args.out / pair)
         for threads in args.threads:
             repeat = args.repeat if pair == "lenet" else max(10, args.repeat // 20)
-            r = benchmark(merged, originals, threads=threads, repeat=repeat, warmup=max(3, repeat // 10))
+            r = benchmark(merged, originals, threads=threads, repeat=repeat, warmup=max(3, repeat // 10),
+                          profile=args.profile)
             results[f"{pair}/threads={threads}"] = r
             report += [f"## {pair}, {threads} thread(s)", "", format_benchmark(r), ""]
             print(report[-2], flush=True)
