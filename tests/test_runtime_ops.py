@@ -108,6 +108,29 @@ def test_2x2_pooling_rows_on_the_simd_kernel(op, width, pads, ceil):
     check(node, {"x": x})
 
 
+@pytest.mark.parametrize("op", ["MaxPool", "AveragePool"])
+@pytest.mark.parametrize("kernel, strides, pads, ceil", [
+    ([3, 3], [2, 2], [0, 0, 0, 0], 0),   # ZF-Net / AlexNet pooling
+    ([3, 3], [1, 1], [1, 1, 1, 1], 0),
+    ([2, 3], [2, 1], [1, 0, 0, 2], 1),
+    ([3, 2], [3, 2], [0, 1, 2, 1], 1),
+    ([1, 4], [1, 3], [0, 0, 0, 0], 0),
+])
+def test_pooling_windows_inside_rows(op, kernel, strides, pads, ceil):
+    # Windows wholly inside a row are reduced down their columns, then across; edge windows
+    # take the general path. Rows of 41 pixels: many inner windows and both kinds of edge.
+    x = rand(2, 3, 9, 41)
+    attrs = {"count_include_pad": 1} if op == "AveragePool" and pads[1] else {}
+    node = helper.make_node(op, ["x"], ["y"], kernel_shape=kernel, strides=strides, pads=pads, ceil_mode=ceil, **attrs)
+    check(node, {"x": x})
+
+
+def test_dilated_max_pooling_windows_inside_rows():
+    x = rand(1, 2, 11, 37)
+    check(helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 1], dilations=[2, 3],
+                           pads=[1, 2, 1, 2]), {"x": x})
+
+
 @pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
 @pytest.mark.parametrize("pads", [[0, 0, 1, 2, 0, 0, 2, 1], [0, 1, 0, 0, 0, 0, 2, 3], [0, 0, -1, 1, 0, 0, 2, -2]])
 def test_pad_modes_opset_13(mode, pads):

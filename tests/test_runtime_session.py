@@ -238,26 +238,30 @@ def op_zoo_model() -> onnx.ModelProto:
     return model
 
 
-def test_dense_op_subset_matches_onnxruntime():
+@pytest.mark.parametrize("batch", [1, 3])  # batch 1: Gemm and MatMul run as sgemv
+def test_dense_op_subset_matches_onnxruntime(batch):
     model = op_zoo_model()
-    x = np.random.default_rng(5).standard_normal((3, 2, 9, 8)).astype(np.float32)
+    x = np.random.default_rng(5).standard_normal((batch, 2, 9, 8)).astype(np.float32)
     assert_parity(model, {"x": x}, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_dense_ops_split_over_threads_match_onnxruntime(threads):
-    """Conv and Gemm large enough to be split over the worker pool (by output channel / column)."""
+def test_dense_ops_split_over_threads_match_onnxruntime(threads, batch):
+    """Conv and MatMul large enough to be split over the worker pool (by output channel / column; the
+    MatMul has 8448 x 130 > 2**20 multiply-adds even at batch 1)."""
     rng = np.random.default_rng(1)
     inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
-             [("w", (33, 16, 3, 3)), ("wb", (33,)), ("g1", (33 * 16 * 16, 70)), ("g2", (61, 70)), ("g2b", (61,))]]
+             [("w", (33, 16, 3, 3)), ("wb", (33,)), ("g1", (33 * 16 * 16, 130)), ("g2", (61, 130)), ("g2b", (61,))]]
     nodes = [helper.make_node("Conv", ["x", "w", "wb"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
              helper.make_node("Flatten", ["c"], ["f"]),
              helper.make_node("MatMul", ["f", "g1"], ["m"]),
-             helper.make_node("Gemm", ["m", "g2", "g2b"], ["y"], transB=1)]
+             helper.make_node("Transpose", ["m"], ["mt"], perm=[1, 0]),
+             helper.make_node("Gemm", ["mt", "g2", "g2b"], ["y"], transA=1, transB=1)]
     graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 32, 32])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 61])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    x = rng.standard_normal((4, 16, 32, 32)).astype(np.float32)
+    x = rng.standard_normal((batch, 16, 32, 32)).astype(np.float32)
     assert_parity(model, {"x": x}, rtol=1e-4, threads=threads)
 
 

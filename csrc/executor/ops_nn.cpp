@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <vector>
 
 #include "../blas.h"
 #include "../kernels/lut_internal.h"
@@ -385,6 +386,19 @@ class GemmOp : public Op {
         const int threads = m * n * k < kMinParallelMacs ? 1 : ctx.threads;
         detail::parallel_ranges(n, threads, [&](int64_t j0, int64_t j1) {
             const float* b_part = ctx.in[1] + (trans_b_ ? j0 * b[1] : j0);
+            if (m == 1) {
+                // Batch 1 (a classifier's output layer): OpenBLAS's sgemm with one row ran ~2.8x
+                // slower than sgemv on a 4096 -> 1000 layer (3.7 ms in the VGG + ZF-Net pair).
+                // A's single row (or column, when transposed) is contiguous either way.
+                if (trans_b_) {
+                    NM_SGEMV(CblasRowMajor, CblasNoTrans, static_cast<blasint>(j1 - j0), static_cast<blasint>(k), alpha_,
+                             b_part, static_cast<blasint>(b[1]), ctx.in[0], 1, beta, ctx.out[0] + j0, 1);
+                } else {
+                    NM_SGEMV(CblasRowMajor, CblasTrans, static_cast<blasint>(k), static_cast<blasint>(j1 - j0), alpha_,
+                             b_part, static_cast<blasint>(b[1]), ctx.in[0], 1, beta, ctx.out[0] + j0, 1);
+                }
+                return;
+            }
             NM_SGEMM(CblasRowMajor, trans_a_ ? CblasTrans : CblasNoTrans, trans_b_ ? CblasTrans : CblasNoTrans,
                      static_cast<blasint>(m), static_cast<blasint>(j1 - j0), static_cast<blasint>(k), alpha_, ctx.in[0],
                      static_cast<blasint>(trans_a_ ? m : k), b_part, static_cast<blasint>(b[1]), beta, ctx.out[0] + j0,
@@ -434,6 +448,7 @@ class PoolOp : public Op {
                                                    ? (w - 1 - reach_w + pads_[1]) / strides_[1] + 1 : 0));
         const bool halving = kernel_ == std::array<int64_t, 2>{2, 2} && strides_ == std::array<int64_t, 2>{2, 2} &&
                              dilations_ == std::array<int64_t, 2>{1, 1};
+        std::vector<float> columns(static_cast<size_t>(w));  // one output row's windows reduced down their columns
         for (int64_t plane = 0; plane < xs[0] * xs[1]; ++plane) {
             const float* x = ctx.in[0] + plane * h * w;
             float* y = ctx.out[0] + plane * ys[2] * out_w;
@@ -448,7 +463,7 @@ class PoolOp : public Op {
                     if (halving) {
                         inside_halving(origin, w, inner_lo, inner_hi, y_row);
                     } else {
-                        for (; ow < inner_hi; ++ow) y_row[ow] = inside(origin + ow * strides_[1], w);
+                        inside_row(origin, w, inner_lo, inner_hi, columns.data(), y_row);
                     }
                     ow = inner_hi;
                 }
@@ -458,17 +473,34 @@ class PoolOp : public Op {
     }
 
    private:
-    // A window wholly inside the input, starting at `first`.
-    float inside(const float* first, int64_t w) const {
-        float acc = max_ ? -INFINITY : 0.0f;
-        for (int64_t i = 0; i < kernel_[0]; ++i) {
-            const float* row = first + i * dilations_[0] * w;
-            for (int64_t j = 0; j < kernel_[1]; ++j) {
-                const float value = row[j * dilations_[1]];
-                acc = max_ ? std::max(acc, value) : acc + value;
+    // Output columns [lo, hi) of a row whose windows lie wholly inside the input (`origin`: the
+    // top-left cell of column 0's window, padding included). The window rows are reduced down
+    // each column first (contiguous loops the compiler vectorises), then across each window's
+    // columns: ZF-Net's 3x3/2 max-pool of 96x110x110 took 2.3 ms one window at a time.
+    void inside_row(const float* origin, int64_t w, int64_t lo, int64_t hi, float* columns, float* y_row) const {
+        if (hi <= lo) return;
+        const int64_t first = lo * strides_[1], end = (hi - 1) * strides_[1] + dilations_[1] * (kernel_[1] - 1) + 1;
+        const float* row = origin + first;  // columns[c] reduces input column first + c (count <= w)
+        float* col = columns;
+        const int64_t count = end - first;
+        std::copy(row, row + count, col);
+        for (int64_t i = 1; i < kernel_[0]; ++i) {
+            const float* next = row + i * dilations_[0] * w;
+            if (max_) {
+                for (int64_t c = 0; c < count; ++c) col[c] = std::max(col[c], next[c]);
+            } else {
+                for (int64_t c = 0; c < count; ++c) col[c] += next[c];
             }
         }
-        return max_ ? acc : acc / static_cast<float>(kernel_[0] * kernel_[1]);
+        const float cells = static_cast<float>(kernel_[0] * kernel_[1]);
+        for (int64_t ow = lo; ow < hi; ++ow) {
+            const float* window = columns + (ow - lo) * strides_[1];
+            float acc = window[0];
+            for (int64_t j = 1; j < kernel_[1]; ++j) {
+                acc = max_ ? std::max(acc, window[j * dilations_[1]]) : acc + window[j * dilations_[1]];
+            }
+            y_row[ow] = max_ ? acc : acc / cells;
+        }
     }
 
     // 2x2 windows at stride 2 (the common case) over output columns [lo, hi), on the CPU's SIMD
