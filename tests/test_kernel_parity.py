@@ -34,6 +34,9 @@ CONV_CASES = {
     # r = 8 and 16 (segments of 8 and 16 channels build tables on compile-time unrolled loops)
     "r16-segments-of-16-16-8": ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 40, 5, 16, 24),
     "r8-lenet-like": ((5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 1, 16, 6, 8, 20),
+    # r = 20 and 32: the int8 table build's dot products unrolled for 5 and 8 quads of channels
+    "r20-segments-of-20-7": ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1, 27, 4, 20, 18),
+    "r32-segments-of-32-32-12": ((3, 3), (1, 1), (0, 1, 1, 0), (1, 1), 1, 76, 5, 32, 24),
 }
 FC_CASES = {
     "small": (37, 70, 4, 12, np.uint8),

@@ -578,11 +578,15 @@ void conv_table_u8s8_quads(const int8_t* codebook, int64_t rows, int64_t r4, con
 void conv_table_u8s8(const int8_t* codebook, int64_t rows, int64_t r4, const uint8_t* x, int64_t x_stride, int64_t ld,
                      const int32_t* correction, float requant, uint8_t* out) {
     const __m512 scale = _mm512_set1_ps(requant);
-    switch (r4 / 4) {  // the usual segment lengths (r <= 16) unrolled
+    switch (r4 / 4) {  // the usual segment lengths (r <= 32) unrolled
         case 1: conv_table_u8s8_quads<1>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
         case 2: conv_table_u8s8_quads<2>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
         case 3: conv_table_u8s8_quads<3>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
         case 4: conv_table_u8s8_quads<4>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
+        case 5: conv_table_u8s8_quads<5>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
+        case 6: conv_table_u8s8_quads<6>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
+        case 7: conv_table_u8s8_quads<7>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
+        case 8: conv_table_u8s8_quads<8>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
         default: conv_table_u8s8_quads<0>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
     }
 }
