@@ -227,8 +227,9 @@ def test_random_mutations_never_crash(packed):
     assert outcomes["refused"] > 100 and sum(outcomes.values()) == 300
 
 
-def test_sanitized_cpp_loader_survives_mutations(packed, tmp_path):
-    """The C++ loader built with ASan+UBSan (CMake -DNEURALMERGE_SANITIZE=ON) loads 150 mutated files.
+@pytest.fixture(scope="module")
+def sanitized_loader() -> Path:
+    """nm_load_files built with ASan+UBSan (CMake -DNEURALMERGE_SANITIZE=ON).
 
     The build directory (build/asan in the checkout, git-ignored) is kept between runs: ~35 s the
     first time on 2 cores, incremental after.
@@ -239,7 +240,11 @@ def test_sanitized_cpp_loader_survives_mutations(packed, tmp_path):
                  "-DNEURALMERGE_BUILD_PYTHON=OFF", "-DNEURALMERGE_BUILD_TESTS=ON", f"-DPython_EXECUTABLE={sys.executable}"]
     subprocess.run(configure, check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "--target", "nm_load_files"], check=True, capture_output=True)
+    return build / "nm_load_files"
 
+
+def test_sanitized_cpp_loader_survives_mutations(packed, sanitized_loader, tmp_path):
+    """The sanitized C++ loader loads and runs 150 mutated files: no crash, no sanitizer report."""
     rng = np.random.default_rng(1)
     header_end = PREFIX.size + PREFIX.unpack_from(packed)[3]
     paths = [tmp_path / "good.nmpack", tmp_path / "truncated.nmpack"]
@@ -252,9 +257,47 @@ def test_sanitized_cpp_loader_survives_mutations(packed, tmp_path):
             data[position] = int(rng.choice([rng.integers(0, 256), ord(str(rng.integers(0, 10))), ord("-"), ord("]")]))
         paths.append(tmp_path / f"mutated{i}.nmpack")
         paths[-1].write_bytes(bytes(data))
-    result = subprocess.run([str(build / "nm_load_files"), *map(str, paths)], capture_output=True, text=True)
+    result = subprocess.run([str(sanitized_loader), *map(str, paths)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Sanitizer" not in result.stderr and "runtime error" not in result.stderr, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].endswith("good.nmpack: ran") and "truncated.nmpack: refused" in lines[1]
     assert len(lines) == len(paths) + 1
+
+
+def test_sanitized_cpp_runtime_runs_the_dense_ops(sanitized_loader, tmp_path):
+    """The op subset (the session tests' op zoo), pooling windows of several geometries and
+    batch-1 Gemm/MatMul (sgemv) run under ASan+UBSan without a report."""
+    from tests.test_runtime_session import op_zoo_model
+
+    models = {"zoo": op_zoo_model()}
+    geometries = [([3, 3], [2, 2], [0, 0, 0, 0], 0, [1, 1]), ([3, 3], [1, 1], [1, 1, 1, 1], 0, [1, 1]),
+                  ([2, 3], [2, 1], [1, 0, 0, 2], 1, [1, 1]), ([3, 2], [3, 2], [0, 1, 2, 1], 1, [1, 1]),
+                  ([3, 3], [2, 1], [1, 2, 1, 2], 0, [2, 3]), ([7, 9], [1, 1], [0, 0, 0, 0], 0, [1, 1])]
+    for i, (kernel, strides, pads, ceil, dilations) in enumerate(geometries):
+        for op in ("MaxPool", "AveragePool"):
+            attrs = dict(kernel_shape=kernel, strides=strides, pads=pads, ceil_mode=ceil)
+            if op == "MaxPool":
+                attrs["dilations"] = dilations
+            elif dilations != [1, 1]:
+                continue
+            graph = helper.make_graph([helper.make_node(op, ["x"], ["y"], **attrs)], "pool",
+                                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 9, 41])],
+                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+            models[f"{op}{i}"] = onnx.shape_inference.infer_shapes(
+                helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    rng = np.random.default_rng(2)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in [("g", (61, 130)), ("m", (61, 130))]]
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "g"], ["a"], transB=1), helper.make_node("MatMul", ["a", "m"], ["y"])],
+                              "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 130])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 130])], weights)
+    models["gemv"] = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    paths = []
+    for name, model in models.items():
+        paths.append(tmp_path / f"{name}.nmpack")
+        paths[-1].write_bytes(pack_model(model))
+    result = subprocess.run([str(sanitized_loader), *map(str, paths)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Sanitizer" not in result.stderr and "runtime error" not in result.stderr, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == f"ran {len(paths)}, refused 0"
