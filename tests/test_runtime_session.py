@@ -403,6 +403,8 @@ def test_cli_bench_against_the_originals(merged, lenet_sources, tmp_path):
     # An existing --json is not overwritten without --force: one error line, exit 1.
     result = CliRunner().invoke(bench_cmd, args)
     assert result.exit_code == 1 and result.output.startswith("error: ") and len(result.output.splitlines()) == 1
+    result = CliRunner().invoke(bench_cmd, [str(tmp_path / "missing.nmpack")])
+    assert result.exit_code == 1 and result.output == f"error: no such model file: {tmp_path / 'missing.nmpack'}\n"
     result = CliRunner().invoke(bench_cmd, [str(tmp_path / "m.onnx"), "--baseline", str(tmp_path / "missing.onnx")])
     assert result.exit_code == 1 and result.output == f"error: no such ONNX file: {tmp_path / 'missing.onnx'}\n"
 

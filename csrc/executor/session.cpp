@@ -279,8 +279,7 @@ class SessionImpl {
         for (size_t n = 0; n < ops_.size(); ++n) {
             if (node_calls_[n] == 0) continue;
             const detail::Node& node = ops_[n]->node();
-            nodes.push_back({node.name, node.op, ops_[n]->kernel(),
-                             node_calls_[n], node_seconds_[n]});
+            nodes.push_back({node.name, node.op, ops_[n]->kernel(), node_calls_[n], node_seconds_[n]});
         }
         return nodes;
     }

@@ -102,7 +102,9 @@ def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, 
     """
     from neuralmerge.runtime.pack import MAGIC, pack_model
 
-    for path in [merged, *baselines]:
+    if not Path(merged).is_file():
+        raise ModelLoadError(f"no such model file: {merged}")
+    for path in baselines:
         if not Path(path).is_file():
             raise ModelLoadError(f"no such ONNX file: {path}")
     rng = np.random.default_rng(seed)
