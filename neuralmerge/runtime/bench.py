@@ -172,8 +172,9 @@ def format_profile(lut: str, profile: dict, top: int = 10) -> str:
     """A Markdown table of the ``top`` slowest nodes of one benchmark() profile."""
     nodes = sorted(profile["nodes"], key=lambda n: -n["mean_ms"])
     node_ms = sum(n["mean_ms"] for n in nodes)
+    overlap = "; tasks ran side by side, so node times overlap" if node_ms > profile["run_ms"] else ""
     lines = [f"Where the time goes, {lut}: node times add up to {node_ms:.3f} ms of a {profile['run_ms']:.3f} ms run "
-             f"(mean of profiled runs)", "", "| node | op | kernel | ms | share |", "|---|---|---|---:|---:|"]
+             f"(mean of profiled runs{overlap})", "", "| node | op | kernel | ms | share |", "|---|---|---|---:|---:|"]
     for n in nodes[:top]:
         lines.append(f"| {n['node']} | {n['op']} | {n['kernel']} | {n['mean_ms']:.4f} | {100 * n['share']:.1f}% |")
     rest = nodes[top:]
