@@ -11,6 +11,7 @@
 #include <string>
 
 #include "blas.h"
+#include "kernels/lut_internal.h"
 
 namespace neuralmerge {
 namespace {
@@ -39,17 +40,11 @@ blasint to_blas(int64_t value, const char* what) {
 
 int64_t code_count(const EncodedWeight& w) { return w.out_channels * w.kernel_h * w.kernel_w * w.segments; }
 
-template <typename CodeT>
-std::vector<int64_t> widen_codes(const void* data, int64_t count) {
-    const auto* codes = static_cast<const CodeT*>(data);
-    return std::vector<int64_t>(codes, codes + count);
-}
-
 }  // namespace
 
 namespace detail {
 
-std::vector<int64_t> validated_codes(const EncodedWeight& w, std::vector<int64_t>& rows) {
+CodeView validated_codes(const EncodedWeight& w, std::vector<int64_t>& rows) {
     require_in_range(w.codebook_rows, 1, "codebook rows");
     require_in_range(w.segment_length, 1, "segment length r");
     require_in_range(w.segments, 1, "segment count rho");
@@ -85,8 +80,7 @@ std::vector<int64_t> validated_codes(const EncodedWeight& w, std::vector<int64_t
     }
 
     const int64_t count = code_count(w);
-    std::vector<int64_t> codes = w.code_type == CodeType::kUInt8 ? widen_codes<uint8_t>(w.codes, count)
-                                                                  : widen_codes<uint16_t>(w.codes, count);
+    const CodeView codes(w.codes, w.code_type, count);
     rows.assign(rho, 0);
     for (int64_t i = 0; i < count; ++i) {
         const int64_t v = i % rho;
@@ -178,7 +172,7 @@ Shape4 econv_output_shape(const Shape4& input, const EncodedWeight& w, const Con
 void econv(const float* x, const Shape4& input, const EncodedWeight& w, const ConvGeometry& g, float* y) {
     const Shape4 out = econv_output_shape(input, w, g);
     std::vector<int64_t> rows;
-    const std::vector<int64_t> codes = validated_codes(w, rows);
+    const detail::CodeView codes = validated_codes(w, rows);
     require(x && y, "input and output must not be null");
 
     const int64_t padded_h = input.h + g.pad_top + g.pad_bottom, padded_w = input.w + g.pad_left + g.pad_right;
@@ -192,7 +186,7 @@ void econv(const float* x, const Shape4& input, const EncodedWeight& w, const Co
     const int64_t out_plane = out.h * out.w;
 
     // Offset of each (t, i0, j0, v) term into the table: its row start plus the tap's shift.
-    std::vector<int64_t> term_offset(codes.size());
+    std::vector<int64_t> term_offset(static_cast<size_t>(codes.size()));
     for (int64_t t = 0; t < w.out_channels; ++t) {
         for (int64_t i0 = 0; i0 < w.kernel_h; ++i0) {
             for (int64_t j0 = 0; j0 < w.kernel_w; ++j0) {
@@ -241,7 +235,7 @@ void egemm(const float* x, int64_t rows_in, const EncodedWeight& w, float* y) {
     require_in_range(rows_in, 1, "batch rows");
     require(w.kernel_h == 1 && w.kernel_w == 1, "an fc layer has a 1x1 kernel");
     std::vector<int64_t> rows;
-    const std::vector<int64_t> codes = validated_codes(w, rows);
+    const detail::CodeView codes = validated_codes(w, rows);
     require(x && y, "input and output must not be null");
 
     int64_t total_rows = 0;

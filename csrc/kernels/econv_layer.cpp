@@ -203,7 +203,7 @@ EConvLayer::EConvLayer(const EncodedWeight& weight, const ConvGeometry& g, const
     EncodedWeight w = weight;
     if (!widened.empty()) w.codebook = widened.data();
     std::vector<int64_t> rows;
-    const std::vector<int64_t> codes = detail::validated_codes(w, rows);
+    const detail::CodeView codes = detail::validated_codes(w, rows);
     // Checks the geometry on the smallest input it admits.
     const int64_t reach_h = g.dilation_h * (w.kernel_h - 1) + 1, reach_w = g.dilation_w * (w.kernel_w - 1) + 1;
     econv_output_shape(Shape4{1, w.depth * std::max<int64_t>(g.group, 1), reach_h, reach_w}, w, g);

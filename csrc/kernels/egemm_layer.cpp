@@ -87,7 +87,7 @@ EGemmLayer::EGemmLayer(const EncodedWeight& weight, const LutOptions& opt) : imp
         w.codebook = widened.data();
     }
     std::vector<int64_t> rows;
-    const std::vector<int64_t> codes = detail::validated_codes(w, rows);
+    const detail::CodeView codes = detail::validated_codes(w, rows);
 
     m.kernels = &detail::select_kernels(opt.isa);
     m.precision = opt.precision;

@@ -16,9 +16,25 @@
 namespace neuralmerge {
 namespace detail {
 
-/// Codes as int64 after every check of the encoded weight (lut_kernels.cpp); `rows` receives,
-/// per segment, 1 + the largest code used.
-std::vector<int64_t> validated_codes(const EncodedWeight& weight, std::vector<int64_t>& rows);
+/// An encoded weight's codes read where they lie (uint8 or uint16): layers reorganise them at
+/// load, and a widened copy was 8 bytes per code (205 MB transient for VGG-16's first FC layer).
+class CodeView {
+   public:
+    CodeView(const void* data, CodeType type, int64_t size) : data_(data), type_(type), size_(size) {}
+    int64_t operator[](int64_t i) const {
+        return type_ == CodeType::kUInt8 ? static_cast<const uint8_t*>(data_)[i] : static_cast<const uint16_t*>(data_)[i];
+    }
+    int64_t size() const { return size_; }
+
+   private:
+    const void* data_;
+    CodeType type_;
+    int64_t size_;
+};
+
+/// The codes after every check of the encoded weight (lut_kernels.cpp); `rows` receives, per
+/// segment, 1 + the largest code used.
+CodeView validated_codes(const EncodedWeight& weight, std::vector<int64_t>& rows);
 
 /// Output pixels of one accumulate call are processed in blocks of this many; callers round
 /// pixel counts up to it and give the table that much slack.
