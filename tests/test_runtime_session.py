@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -413,3 +415,53 @@ def test_cli_bench_against_the_originals(merged, lenet_sources, tmp_path):
     result = CliRunner().invoke(bench_cmd, [str(tmp_path / "m.nmpack"), "--lut", "int8", "--repeat", "3"])
     assert result.exit_code == 0, result.output
     assert re.search(r"\| merged, neuralmerge runtime int8 \| [0-9.]+ \| – \| – \|", result.output)
+
+
+RSS_AFTER_LOAD = """
+import sys
+from neuralmerge.runtime import Session
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) * 1024
+data = open(sys.argv[1], "rb").read()
+before = rss()
+session = Session(data)
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc (Linux)")
+def test_loaded_session_keeps_one_copy_of_the_encoded_layers(tmp_path):
+    """E-layers copy their codes at load; the file's copy is handed back to the OS, so a session
+    holds about one copy of an 8 MB code tensor, not two."""
+    from neuralmerge.export.functions import DOMAIN, egemm_function
+
+    rng = np.random.default_rng(0)
+    n_in, n_out, r, codewords = 8192, 2048, 2, 4
+    rho = n_in // r
+    inits = [numpy_helper.from_array(rng.standard_normal((rho * codewords, r)).astype(np.float32), "nm.fc.codebook"),
+             numpy_helper.from_array(rng.integers(0, codewords, (n_out, rho)).astype(np.uint8), "m0.fc.codes"),
+             numpy_helper.from_array(np.arange(rho, dtype=np.int64) * codewords, "m0.fc.offsets"),
+             numpy_helper.from_array(np.array([n_in], np.int64), "m0.fc.depth"),
+             numpy_helper.from_array(np.zeros(n_out, np.float32), "m0.fc.bias")]
+    node = helper.make_node("EGemm", ["x", "nm.fc.codebook", "m0.fc.codes", "m0.fc.offsets", "m0.fc.depth",
+                                      "m0.fc.bias"], ["y"], name="m0.fc", domain=DOMAIN)
+    graph = helper.make_graph([node], "fc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n_in])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n_out])], inits)
+    model = helper.make_model(graph, functions=[egemm_function(17)], ir_version=8,
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    groups = [{"name": "fc", "kind": "fc", "r": r, "segment_codewords": [codewords] * rho, "segments": rho,
+               "members": [{"model": 0, "node": "m0.fc", "depth": n_in, "segments": rho}]}]
+    helper.set_model_props(model, {"neuralmerge.format_version": "1", "neuralmerge.groups": json.dumps(groups)})
+    path = tmp_path / "fc.nmpack"
+    path.write_bytes(pack_model(model))
+    x = rng.standard_normal((1, n_in)).astype(np.float32)
+    np.testing.assert_allclose(Session(str(path)).run({"x": x})["y"], ort_outputs(model, {"x": x})["y"], rtol=1e-4,
+                               atol=1e-4)
+
+    grown = int(subprocess.run([sys.executable, "-c", RSS_AFTER_LOAD, str(path)], check=True, capture_output=True,
+                               text=True).stdout)
+    size = path.stat().st_size
+    assert size > 8_000_000
+    # Measured: 1.45x the file (its codes once, in the layer's layout, plus the rest); 2.43x when
+    # the loader kept the file's copy too.
+    assert grown < 1.8 * size, f"a session over a {size:,}-byte file grew RSS by {grown:,} bytes"
