@@ -57,6 +57,9 @@ class Op {
     virtual Sharing sharing() const { return Sharing::kNone; }
     /// The kernel used, for E-layers ("" for others).
     virtual std::string kernel() const { return ""; }
+    /// Whether run() reads input i's data; false for constants the op copied when it was built
+    /// (the session then hands their pages back to the OS).
+    virtual bool reads_at_run(size_t /*input*/) const { return true; }
 
     const Node& node() const { return node_; }
 

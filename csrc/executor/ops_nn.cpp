@@ -183,6 +183,7 @@ class EConvOp : public Op {
     }
 
     std::string kernel() const override { return layer_->kernel_name() + std::string(node_.fused_relu ? " + Relu" : ""); }
+    bool reads_at_run(size_t input) const override { return input == 0; }  // the layer holds its own copies
 
    private:
     std::vector<int64_t> segment_codewords_;
@@ -211,6 +212,7 @@ class EGemmOp : public Op {
     }
 
     std::string kernel() const override { return layer_->kernel_name() + std::string(node_.fused_relu ? " + Relu" : ""); }
+    bool reads_at_run(size_t input) const override { return input == 0; }  // the layer holds its own copies
 
    private:
     std::vector<int64_t> segment_codewords_;
@@ -448,7 +450,7 @@ class PoolOp : public Op {
                                                    ? (w - 1 - reach_w + pads_[1]) / strides_[1] + 1 : 0));
         const bool halving = kernel_ == std::array<int64_t, 2>{2, 2} && strides_ == std::array<int64_t, 2>{2, 2} &&
                              dilations_ == std::array<int64_t, 2>{1, 1};
-        std::vector<float> columns(static_cast<size_t>(w));  // one output row's windows reduced down their columns
+        std::vector<float> columns(halving ? 0 : static_cast<size_t>(w));  // inside_row's scratch
         for (int64_t plane = 0; plane < xs[0] * xs[1]; ++plane) {
             const float* x = ctx.in[0] + plane * h * w;
             float* y = ctx.out[0] + plane * ys[2] * out_w;
@@ -479,17 +481,16 @@ class PoolOp : public Op {
     // columns: ZF-Net's 3x3/2 max-pool of 96x110x110 took 2.3 ms one window at a time.
     void inside_row(const float* origin, int64_t w, int64_t lo, int64_t hi, float* columns, float* y_row) const {
         if (hi <= lo) return;
-        const int64_t first = lo * strides_[1], end = (hi - 1) * strides_[1] + dilations_[1] * (kernel_[1] - 1) + 1;
-        const float* row = origin + first;  // columns[c] reduces input column first + c (count <= w)
-        float* col = columns;
-        const int64_t count = end - first;
-        std::copy(row, row + count, col);
+        // columns[c] reduces input column lo * stride + c; count <= w.
+        const float* row = origin + lo * strides_[1];
+        const int64_t count = (hi - 1 - lo) * strides_[1] + dilations_[1] * (kernel_[1] - 1) + 1;
+        std::copy(row, row + count, columns);
         for (int64_t i = 1; i < kernel_[0]; ++i) {
             const float* next = row + i * dilations_[0] * w;
             if (max_) {
-                for (int64_t c = 0; c < count; ++c) col[c] = std::max(col[c], next[c]);
+                for (int64_t c = 0; c < count; ++c) columns[c] = std::max(columns[c], next[c]);
             } else {
-                for (int64_t c = 0; c < count; ++c) col[c] += next[c];
+                for (int64_t c = 0; c < count; ++c) columns[c] += next[c];
             }
         }
         const float cells = static_cast<float>(kernel_[0] * kernel_[1]);

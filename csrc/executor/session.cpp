@@ -299,18 +299,18 @@ class SessionImpl {
    private:
     static constexpr int64_t kMaxKnownInts = 1 << 16;
 
-    // E-layers copy their codebooks, codes, offsets and biases into their own layouts when they
-    // are built, and nothing reads the model's copies afterwards (plans only pass their pointers
-    // along; int64 constants were copied into constant_infos_). Their whole pages go back to the
-    // OS: E-layer tensors are most of a merged file (55 of the VGG-16 + ZF-Net pair's 86 MiB).
+    // Constants that no op reads at run time (E-layers copy their codebooks, codes, offsets and
+    // biases into their own layouts when they are built; plans only pass such pointers along, and
+    // int64 constants were copied into constant_infos_) hand their whole pages back to the OS:
+    // E-layer tensors are most of a merged file (55 of the VGG-16 + ZF-Net pair's 86 MiB).
     // Reading such a page again would see zeros, never fault.
     void release_copied_constants() const {
 #if defined(__linux__)
         std::unordered_set<std::string> read;
-        for (const detail::Node& node : nodes_) {
-            const bool elayer = node.domain == "ai.neuralmerge" && (node.op == "EConv" || node.op == "EGemm");
-            for (size_t i = 0; i < node.inputs.size(); ++i) {
-                if (!elayer || i == 0) read.insert(node.inputs[i]);
+        for (const auto& op : ops_) {
+            const std::vector<std::string>& inputs = op->node().inputs;
+            for (size_t i = 0; i < inputs.size(); ++i) {
+                if (op->reads_at_run(i)) read.insert(inputs[i]);
             }
         }
         for (const TensorInfo& output : model_->outputs) read.insert(output.name);

@@ -79,6 +79,16 @@ def activation_step(low: torch.Tensor, high: torch.Tensor, peak: float
     return step.detach(), lowest, highest
 
 
+def _with_value(dense: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """``exact`` forward, the gradient of ``dense`` backward."""
+    return dense + (exact - dense).detach()
+
+
+def _table_scale(bound: torch.Tensor) -> torch.Tensor:
+    """The table's scale from a bound on its entries' magnitude (1 when the bound is 0 or not finite)."""
+    return torch.where((bound > 0) & torch.isfinite(bound), bound / INT8_LIMIT, torch.ones_like(bound))
+
+
 def _levels(x: torch.Tensor, step: torch.Tensor, lowest: torch.Tensor, highest: torch.Tensor) -> torch.Tensor:
     """x in steps, clamped and rounded: the uint8 level minus the zero point (gradient straight through)."""
     return _ste_round(x * (1.0 / step), lowest, highest)
@@ -184,19 +194,19 @@ def econv_int8(codebook: torch.Tensor, codes: torch.Tensor, offsets: torch.Tenso
             layer = kernels.EConv(cb, cd, off, depth, b, strides, pads, dilations, group, lut="int8",
                                   threads=torch.get_num_threads(), input_scale=peak / INT8_LIMIT, isa="avx512")
             exact = torch.from_numpy(layer(x.detach().float().numpy()))
-        return dense + (exact - dense).detach()
+        return _with_value(dense, exact)
     with torch.no_grad():
         codeword_norm = (seg.words * seg.valid).norm(dim=2).amax(1)  # [rho], float codewords
         segment_norm2 = measured.reshape(n, group, rho, r, -1).pow(2).sum(3).amax(-1)  # [N, G, rho]
         bound = (codeword_norm * segment_norm2.sqrt()).amax(-1)
-        scale = torch.where((bound > 0) & torch.isfinite(bound), bound / INT8_LIMIT, torch.ones_like(bound))
+        scale = _table_scale(bound)
         factor = (step[..., None] * cb_step) / scale[..., None]  # the runtime's requantisation multiplier
         sums = torch.einsum("ngvkhw,vck->ngvchw", levels.reshape(n, group, rho, r, height, width), words)
         entries = torch.clamp(torch.round(sums * factor[..., None, None, None]), -INT8_LIMIT, INT8_LIMIT)
         table = (entries * scale[..., None, None, None, None]).reshape(n, group * rho * seg.width, height, width)
         exact = _table_sum(F.pad(table, (left, right, top, bottom)), seg.picks, dense.shape[2:], strides, dilations,
                            group) + bias[:, None, None]
-    return dense + (exact - dense).detach()
+    return _with_value(dense, exact)
 
 
 def elinear_int8(codebook: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor, depth: int, bias: torch.Tensor,
@@ -224,17 +234,17 @@ def elinear_int8(codebook: torch.Tensor, codes: torch.Tensor, offsets: torch.Ten
             layer = kernels.EGemm(cb, cd, off, depth, b, lut="int8", threads=torch.get_num_threads(),
                                   input_scale=peak / INT8_LIMIT, isa="avx512")
             exact = torch.from_numpy(layer(x.detach().float().numpy()))
-        return dense + (exact - dense).detach()
+        return _with_value(dense, exact)
     with torch.no_grad():
         codeword_norm = cb_step * words.pow(2).sum(2).amax(1).sqrt()  # [rho], int8 codewords
         rows = F.pad(x, (0, rho * r - depth)).reshape(n, rho, r)
         used = seg.used.sum(1).float()
         x_norm = rows.pow(2).sum(2).sqrt() + 0.5 * step[:, None] * used.sqrt()
         bound = (x_norm * codeword_norm).amax(1)
-        scale = torch.where((bound > 0) & torch.isfinite(bound), bound / INT8_LIMIT, torch.ones_like(bound))
+        scale = _table_scale(bound)
         factor = (step[:, None] * cb_step) / scale[:, None]
         sums = torch.einsum("nvk,vck->nvc", F.pad(levels, (0, rho * r - depth)).reshape(n, rho, r), words)
         entries = torch.clamp(torch.round(sums * factor[..., None]), -INT8_LIMIT, INT8_LIMIT) * scale[:, None, None]
         # out[n, o] = sum over v of entries[n, picks[o, v]]: a bag sum per output.
         exact = F.embedding_bag(seg.picks, entries.reshape(n, -1).t().contiguous(), mode="sum").t() + bias
-    return dense + (exact - dense).detach()
+    return _with_value(dense, exact)

@@ -131,15 +131,17 @@ class Session:
         Nodes that did not run are left out; the order is the model's. With ``threads`` >= 2 a
         merged model's tasks may run side by side, so the times can add up to more than a run's.
         """
-        if not self.profile:
-            raise ConfigError("this session does not profile: create it with Session(..., profile=True)")
+        self._require_profiling()
         return [NodeTime(*entry) for entry in self._native.profile()]
 
     def reset_node_times(self) -> None:
         """Forget the node times so far (e.g. those of warm-up runs)."""
+        self._require_profiling()
+        self._native.reset_profile()
+
+    def _require_profiling(self) -> None:
         if not self.profile:
             raise ConfigError("this session does not profile: create it with Session(..., profile=True)")
-        self._native.reset_profile()
 
     def __repr__(self) -> str:
         return (f"Session(inputs={[s.name for s in self.inputs]}, outputs={[s.name for s in self.outputs]}, "
