@@ -1,17 +1,26 @@
 """How fast this CPU can sum E-Conv table runs at all: the ceiling of the conv speed-ups.
 
 A script, not a test. Compiles table_sum_ceiling.cpp (the runtime's fp32, fp16 and int8 sum
-loops, nothing around them) with the system C++ compiler and times them on LeNet conv2's table
-geometry (4 segments x 128 codewords, rows of 416 pixels, 100 terms per channel at the 5x5 taps'
-shifts, 64 channels, 5 blocks of 64 output pixels), with the table at its real size (in L2) and
-shrunk to fit L1.
+loops, nothing around them) with the system C++ compiler and times them on a layer's table
+geometry, with the table at the size the runtime gives it (in L2) and shrunk to fit L1:
+
+- LeNet conv2 16²×32→64 5×5 (r = 8, C = 128): 4 segments x 128 codewords, rows of 416
+  pixels, 100 terms per channel at the 5x5 taps' shifts, 64 channels, 5 blocks of 64 pixels;
+- VGG 28²×256→256 3×3 (r = 16, C = 256): the runtime builds and sums this layer's table a
+  strip of 8 output rows and a chunk of 3 segments at a time (rows of 320 pixels, 983 KB in
+  fp32), so the loop runs on one such chunk (27 terms per channel at the 3x3 taps' shifts of a
+  30-wide padded input, 256 channels, 4 blocks), and the whole layer's 14 blocks x 144 terms
+  are counted at that speed.
+
 ONNX Runtime's fp32 layer and the runtime's whole layer at each precision are timed in the same
 run, so the output says which speed-up the sum alone leaves room for, before any table build or
 overhead, beside what the whole layer reaches and what the runtime issue asks for. It also times
 the table build's instructions (vfmadd231ps; for int8 vpdpbusd and the narrowing of the int32
-sums to int8) and adds the build's arithmetic to each sum: a lower bound for the whole layer.
+sums to int8) and adds the arithmetic of the smallest table the layer needs (every segment and
+codeword over the padded input once, no strip overlap) to each sum: an estimate of the whole
+layer's floor, with the sums at L2 speed and, optimistically, at L1 speed.
 
-    python benchmarks/table_sum_ceiling.py [--rounds 5] [--reps 300]
+    python benchmarks/table_sum_ceiling.py [--layer lenet vgg28] [--rounds 5] [--reps 300]
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +41,43 @@ import lut_layers  # noqa: E402  (the per-layer benchmark: the same layer and OR
 from neuralmerge.runtime.kernels import EConv  # noqa: E402
 
 SOURCE = Path(__file__).with_suffix(".cpp")
-# LeNet conv2: 4 segments of r = 8 channels x 128 codewords, 5x5 taps over a 20-wide padded
-# input (rows of 416 pixels), 64 output channels, 5 blocks of 64 output pixels.
-SEGMENTS, CODEWORDS, R, KERNEL, PADDED_WIDTH = 4, 128, 8, 5, 20
-ROW_PIXELS, CHANNELS, BLOCKS = 416, 64, 5
-TERMS = SEGMENTS * KERNEL * KERNEL
 BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
-TARGET = {"fp32": 1.4, "fp16": 2.2, "int8": 4.5}  # the runtime issue's LeNet conv2 targets
-L1_CODEWORDS = 16  # x 4 segments x 416 pixels: 27 KB of int8; the wider tables shrink to the same bytes
+L1_BYTES = 26_624  # the shrunk table: 16 codewords x 4 segments x 416 pixels of int8
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One conv layer's table, as the runtime builds and sums it."""
+
+    name: str
+    layer: int  # index into lut_layers.LAYERS
+    segments: int  # segments in the table the loop sums (the runtime's chunk)
+    codewords: int
+    r: int
+    kernel: int
+    padded_width: int
+    row_pixels: int  # pixels per table row (the runtime's ld)
+    channels: int
+    blocks: int  # blocks of 64 pixels the loop sums per channel
+    runs: int  # runs of 64 pixels the whole layer sums
+    entries: int  # entries of the smallest table the layer needs
+    target: dict  # the runtime issue's targets (ORT fp32 time / ours)
+
+    def terms(self) -> int:
+        return self.segments * self.kernel * self.kernel
+
+    def l1_codewords(self, width: int) -> int:
+        return max(L1_BYTES // (self.segments * self.row_pixels * width), 1)
+
+
+GEOMETRIES = {
+    "lenet": Geometry("LeNet conv2 16²×32→64 5×5", 0, segments=4, codewords=128, r=8, kernel=5, padded_width=20,
+                      row_pixels=416, channels=64, blocks=5, runs=64 * 100 * 5, entries=4 * 128 * 416,
+                      target={"fp32": 1.4, "fp16": 2.2, "int8": 4.5}),
+    "vgg28": Geometry("VGG 28²×256→256 3×3", 2, segments=3, codewords=256, r=16, kernel=3, padded_width=30,
+                      row_pixels=320, channels=256, blocks=4, runs=256 * 144 * 14, entries=16 * 256 * 30 * 30,
+                      target={"fp32": 1.6, "fp16": 2.5, "int8": 6.0}),
+}
 
 
 def compile_loop(folder: Path) -> Path:
@@ -51,9 +90,9 @@ def compile_loop(folder: Path) -> Path:
     return binary
 
 
-def ns_per_run(binary: Path, kind: str, codewords: int, reps: int) -> float:
-    args = [str(binary), kind, str(SEGMENTS), str(codewords), str(ROW_PIXELS), str(KERNEL), str(PADDED_WIDTH),
-            str(CHANNELS), str(BLOCKS), str(reps)]
+def ns_per_run(binary: Path, g: Geometry, kind: str, codewords: int, reps: int) -> float:
+    args = [str(binary), kind, str(g.segments), str(codewords), str(g.row_pixels), str(g.kernel), str(g.padded_width),
+            str(g.channels), str(g.blocks), str(reps)]
     return float(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
 
 
@@ -64,9 +103,9 @@ def build_ns(binary: Path) -> tuple[float, float, float]:
     return dot, fma, narrow
 
 
-def layer_timers(reps: int):
-    """ORT fp32 and the runtime's whole LeNet conv2 layer at each precision, as timing closures."""
-    layer = lut_layers.LAYERS[0]
+def layer_timers(g: Geometry, reps: int):
+    """ORT fp32 and the runtime's whole layer at each precision, as timing closures."""
+    layer = lut_layers.LAYERS[g.layer]
     rng = np.random.default_rng(0)
     enc = lut_layers.encoded_layer(layer, rng)
     x = lut_layers.input_of(layer, rng)
@@ -80,65 +119,74 @@ def layer_timers(reps: int):
     return timers
 
 
+def report(g: Geometry, binary: Path, rounds: int, reps: int) -> None:
+    timers = layer_timers(g, reps)
+    sums = {(kind, where): [] for kind in BYTES for where in ("L2", "L1")}
+    layers = {name: [] for name in timers}
+    builds = []
+    for _ in range(rounds):  # alternate, so that other tenants' noise hits every case alike
+        builds.append(build_ns(binary))
+        for kind, width in BYTES.items():
+            sums[kind, "L2"].append(ns_per_run(binary, g, kind, g.codewords, reps))
+            sums[kind, "L1"].append(ns_per_run(binary, g, kind, g.l1_codewords(width), reps))
+        for name, timer in timers.items():
+            layers[name].append(timer())
+    ort_us = float(np.median(layers["ort"]))
+    print(f"\n{g.name} in ONNX Runtime fp32, 1 thread: {ort_us:.1f} us; the sum reads {g.runs} runs of 64 pixels")
+    print("| table | size | ns per 64-pixel run | sum alone, us | ORT fp32 / sum alone "
+          "| ORT fp32 / whole layer | target |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    sum_us = {}
+    for kind, width in BYTES.items():
+        layer_us = float(np.median(layers[kind]))
+        for where, codewords in (("L2", g.codewords), ("L1", g.l1_codewords(width))):
+            ns = float(np.median(sums[kind, where]))
+            sum_us[kind, where] = ns * g.runs / 1e3
+            size_kb = g.segments * codewords * g.row_pixels * width / 1024
+            whole = f"{ort_us / layer_us:.2f}x ({layer_us:.1f} us)" if where == "L2" else "–"
+            target = f"{g.target[kind]}x" if where == "L2" else "–"
+            label = f"{kind}, real size" if where == "L2" else f"{kind}, shrunk to fit L1"
+            print(f"| {label} | {size_kb:.0f} KB | {ns:.3f} | {sum_us[kind, where]:.1f} | "
+                  f"{ort_us / sum_us[kind, where]:.2f}x | {whole} | {target} |")
+    # The table build: every entry of T[segment][codeword][padded pixel] is an r-long dot product:
+    # r/16-lane fp32 FMAs per 16 entries (fp32, fp16: the fp16 table is built in fp32), or r/4
+    # products per vpdpbusd lane (int8), whose int32 sums are then narrowed to int8 (to float,
+    # times the requantisation factor, rounded, packed). Its arithmetic alone, added to the sum
+    # alone, estimates the whole layer's floor: the build's instructions and the sum's adds all
+    # issue on the same two 512-bit ports of this core.
+    dot_ns, fma_ns, narrow_ns = (float(np.median([b[i] for b in builds])) for i in (0, 1, 2))
+    print(f"\nTable build arithmetic ({g.entries} entries of r = {g.r}): vpdpbusd {dot_ns:.3f} ns, vfmadd231ps "
+          f"{fma_ns:.3f} ns each (512-bit, throughput-bound); int8 narrowing {narrow_ns:.3f} ns per 16 entries")
+    print("| table | build instructions | build alone, us | sum + build, us | ORT fp32 / that "
+          "| the same with sums at L1 speed | target |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for kind in BYTES:
+        count = g.entries * g.r // 16 // (4 if kind == "int8" else 1)
+        build_us = count * (dot_ns if kind == "int8" else fma_ns) / 1e3
+        label = f"{count} FMAs"
+        if kind == "int8":
+            build_us += g.entries / 16 * narrow_ns / 1e3
+            label = f"{count} vpdpbusd + {g.entries // 16} narrowings"
+        total, optimistic = sum_us[kind, "L2"] + build_us, sum_us[kind, "L1"] + build_us
+        print(f"| {kind} | {label} | {build_us:.1f} | {total:.1f} | {ort_us / total:.2f}x | "
+              f"{ort_us / optimistic:.2f}x | {g.target[kind]}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", nargs="+", choices=sorted(GEOMETRIES), default=["lenet", "vgg28"],
+                        help="layer geometries to time (default: both)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians are reported")
     parser.add_argument("--reps", type=int, default=300, help="timed calls per case and round")
     args = parser.parse_args()
     if "avx512bw" not in Path("/proc/cpuinfo").read_text():
         sys.exit("error: this script times the AVX-512 loops; the CPU lacks AVX-512BW")
     print(f"CPU: {platform.processor() or platform.machine()}")
-    timers = layer_timers(args.reps)
     with tempfile.TemporaryDirectory() as tmp:
         binary = compile_loop(Path(tmp))
-        sums = {(kind, where): [] for kind in BYTES for where in ("L2", "L1")}
-        layers = {name: [] for name in timers}
-        builds = []
-        for _ in range(args.rounds):  # alternate, so that other tenants' noise hits every case alike
-            builds.append(build_ns(binary))
-            for kind, width in BYTES.items():
-                sums[kind, "L2"].append(ns_per_run(binary, kind, CODEWORDS, args.reps))
-                sums[kind, "L1"].append(ns_per_run(binary, kind, max(L1_CODEWORDS // width, 1), args.reps))
-            for name, timer in timers.items():
-                layers[name].append(timer())
-    ort_us = float(np.median(layers["ort"]))
-    runs = CHANNELS * TERMS * BLOCKS
-    print(f"LeNet conv2 in ONNX Runtime fp32, 1 thread: {ort_us:.1f} us; the sum reads {runs} runs of 64 pixels")
-    print("| table | size | ns per 64-pixel run | sum alone, us | ORT fp32 / sum alone "
-          "| ORT fp32 / whole layer | target |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for kind, width in BYTES.items():
-        layer_us = float(np.median(layers[kind]))
-        for where, codewords in (("L2", CODEWORDS), ("L1", max(L1_CODEWORDS // width, 1))):
-            rows = SEGMENTS * codewords
-            ns = float(np.median(sums[kind, where]))
-            sum_us = ns * runs / 1e3
-            size_kb = rows * ROW_PIXELS * width / 1024
-            whole = f"{ort_us / layer_us:.2f}x ({layer_us:.1f} us)" if where == "L2" else "–"
-            target = f"{TARGET[kind]}x" if where == "L2" else "–"
-            label = f"{kind}, real size" if where == "L2" else f"{kind}, shrunk to fit L1"
-            print(f"| {label} | {size_kb:.0f} KB | {ns:.3f} | {sum_us:.1f} | {ort_us / sum_us:.2f}x | {whole} | {target} |")
-    # The table build: every entry of T[segment][codeword][padded pixel] is an r-long dot product:
-    # r/16-lane fp32 FMAs per 16 entries (fp32, fp16: the fp16 table is built in fp32), or r/4
-    # products per vpdpbusd lane (int8), whose int32 sums are then narrowed to int8 (to float,
-    # times the requantisation factor, rounded, packed). Its arithmetic alone, added to the sum
-    # alone, bounds the whole layer from below: the build's instructions and the sum's adds all
-    # issue on the same two 512-bit ports of this core.
-    entries = SEGMENTS * CODEWORDS * ROW_PIXELS
-    dot_ns, fma_ns, narrow_ns = (float(np.median([b[i] for b in builds])) for i in (0, 1, 2))
-    print(f"\nTable build arithmetic ({entries} entries of r = {R}): vpdpbusd {dot_ns:.3f} ns, vfmadd231ps "
-          f"{fma_ns:.3f} ns each (512-bit, throughput-bound); int8 narrowing {narrow_ns:.3f} ns per 16 entries")
-    print("| table | build instructions | build alone, us | sum + build alone, us | ORT fp32 / that | target |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for kind in BYTES:
-        count = entries * R // 16 // (4 if kind == "int8" else 1)
-        build_us = count * (dot_ns if kind == "int8" else fma_ns) / 1e3
-        label = f"{count} FMAs"
-        if kind == "int8":
-            build_us += entries / 16 * narrow_ns / 1e3
-            label = f"{count} vpdpbusd + {entries // 16} narrowings"
-        total = float(np.median(sums[kind, "L2"])) * runs / 1e3 + build_us
-        print(f"| {kind} | {label} | {build_us:.1f} | {total:.1f} | {ort_us / total:.2f}x | {TARGET[kind]}x |")
+        for name in args.layer:
+            report(GEOMETRIES[name], binary, args.rounds, args.reps)
+
 
 if __name__ == "__main__":
     main()
