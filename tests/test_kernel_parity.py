@@ -144,14 +144,15 @@ def test_int8_fc_input_scale_sets_the_activation_quantisation(fc_cases):
 @pytest.mark.parametrize("lut", TOLERANCE)
 def test_large_tables_are_built_a_chunk_of_segments_at_a_time(lut):
     # 16 segments x 256 codewords on a 40x40 input: a strip's table outgrows the 2 MB budget,
-    # so it is built and summed in chunks of segments; the layer also sees two input shapes in
-    # turn (its term offsets are cached per shape).
+    # so it is built and summed in chunks of segments; the layer also sees three input shapes in
+    # turn (its term offsets are cached per shape). At 44x44 the strips of 8 output rows end in
+    # one of 4, whose build stops at the table columns its sums read.
     rng = np.random.default_rng(3)
     codebook, codes, offsets = random_encoding(rng, (4, 3, 3), 64, 4, 256)
     bias = rng.standard_normal(4).astype(np.float32)
     weight = decode_weight(codebook, codes, offsets, 64).transpose(0, 3, 1, 2)
     layer = EConv(codebook, codes, offsets, 64, bias, (1, 1), (1, 1, 1, 1), lut=lut)
-    for size in (40, 9, 40):
+    for size in (40, 9, 44, 40):
         x = np.maximum(rng.standard_normal((1, 64, size, size)), 0).astype(np.float32)
         expected = conv2d_reference(x, weight, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1)
         assert relative_rms(layer(x), expected) <= TOLERANCE[lut]

@@ -95,26 +95,26 @@ bool has_fused_build(const KernelTable& k, LutPrecision precision) {
 // (codewords r floats apart, `used` of them real); false when the ISA has none (the caller then
 // uses sgemm and narrows).
 bool build_table(const KernelTable& k, LutPrecision precision, const float* codebook, int64_t rows, int64_t r,
-                 int64_t used, const float* x, int64_t x_stride, int64_t ld, float inv_scale, float* table,
-                 int64_t first) {
+                 int64_t used, const float* x, int64_t x_stride, int64_t ld, int64_t pixels, float inv_scale,
+                 float* table, int64_t first) {
     switch (precision) {
         case LutPrecision::kFp32:
             if (!k.conv_table_f32) return false;
-            k.conv_table_f32(codebook, rows, r, used, x, x_stride, ld, inv_scale, table + first);
+            k.conv_table_f32(codebook, rows, r, used, x, x_stride, ld, pixels, inv_scale, table + first);
             return true;
         case LutPrecision::kFp16:
             if (!k.conv_table_f16) return false;
-            k.conv_table_f16(codebook, rows, r, used, x, x_stride, ld, inv_scale,
+            k.conv_table_f16(codebook, rows, r, used, x, x_stride, ld, pixels, inv_scale,
                              reinterpret_cast<uint16_t*>(table) + first);
             return true;
         case LutPrecision::kInt16:
             if (!k.conv_table_i16) return false;
-            k.conv_table_i16(codebook, rows, r, used, x, x_stride, ld, inv_scale,
+            k.conv_table_i16(codebook, rows, r, used, x, x_stride, ld, pixels, inv_scale,
                              reinterpret_cast<int16_t*>(table) + first);
             return true;
         case LutPrecision::kInt8:
             if (!k.conv_table_i8) return false;
-            k.conv_table_i8(codebook, rows, r, used, x, x_stride, ld, inv_scale,
+            k.conv_table_i8(codebook, rows, r, used, x, x_stride, ld, pixels, inv_scale,
                             reinterpret_cast<uint8_t*>(table) + first);
             return true;
     }
@@ -462,6 +462,9 @@ void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const Q
     const int64_t row0 = strip * p.strip_rows;
     const int64_t strip_rows = std::min(p.strip_rows, p.out.h - row0);
     const int64_t pixels = round_up(strip_rows * p.phase_w, kPixelBlock);
+    // The table columns this strip's sums read: all of ld but in a shorter last strip (VGG's
+    // 28-row layers end in a 4-row strip: its build then does 192 of 320 columns).
+    const int64_t built = std::min(p.ld, round_up(pixels + shift_h_max * p.phase_w + shift_w_max, 16));
     float* table = worker;
     float* scratch = worker + p.table_floats;
     float* out_rows = scratch + p.scratch_floats;
@@ -488,13 +491,13 @@ void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const Q
                         quantised->data + v * r4 * plane + (s * p.plane_stride + row0 * p.phase_w) * 4;
                     const int32_t* correction =
                         quantised->offset ? codeword_sum.data() + base[v] : no_correction.data();
-                    k.conv_table_u8s8(codebook_i8.data() + base[v] * r4, rows[v], r4, x4, 4 * plane, p.ld,
+                    k.conv_table_u8s8(codebook_i8.data() + base[v] * r4, rows[v], r4, x4, 4 * plane, p.ld, built,
                                       correction, quantised->scale * codebook_i8_scale[v] / scale,
                                       reinterpret_cast<uint8_t*>(table) + first);
                     continue;
                 }
-                if (build_table(k, precision, segment, rows[v], r, used, src, x_stride, p.ld, 1.0f / scale, table,
-                                first)) {
+                if (build_table(k, precision, segment, rows[v], r, used, src, x_stride, p.ld, built, 1.0f / scale,
+                                table, first)) {
                     continue;
                 }
                 float* dst = precision == LutPrecision::kFp32 ? table + first : scratch;

@@ -459,13 +459,13 @@ __attribute__((always_inline)) inline void conv_table_tile(const float* codebook
 // load feeds 8 FMAs), or NV = 4 for fewer codewords; then the ragged end of the row.
 template <int CW, int KC, typename Elem>
 void conv_table_rows(const float* codebook, int64_t r, int64_t channels, const float* x, int64_t x_stride,
-                     int64_t ld, __m512 inv_scale, Elem* out) {
+                     int64_t ld, int64_t pixels, __m512 inv_scale, Elem* out) {
     constexpr int kMain = CW >= 8 ? 3 : 4;
     int64_t q = 0;
-    for (; q + 16 * kMain <= ld; q += 16 * kMain) {
+    for (; q + 16 * kMain <= pixels; q += 16 * kMain) {
         conv_table_tile<CW, kMain, KC>(codebook, r, channels, x + q, x_stride, ld, inv_scale, out + q);
     }
-    switch ((ld - q) / 16) {
+    switch ((pixels - q) / 16) {
         case 3: conv_table_tile<CW, 3, KC>(codebook, r, channels, x + q, x_stride, ld, inv_scale, out + q); break;
         case 2: conv_table_tile<CW, 2, KC>(codebook, r, channels, x + q, x_stride, ld, inv_scale, out + q); break;
         case 1: conv_table_tile<CW, 1, KC>(codebook, r, channels, x + q, x_stride, ld, inv_scale, out + q); break;
@@ -475,15 +475,17 @@ void conv_table_rows(const float* codebook, int64_t r, int64_t channels, const f
 
 template <int KC, typename Elem>
 void conv_table_codewords(const float* codebook, int64_t rows, int64_t r, int64_t channels, const float* x,
-                          int64_t x_stride, int64_t ld, __m512 inv, Elem* out) {
+                          int64_t x_stride, int64_t ld, int64_t pixels, __m512 inv, Elem* out) {
     int64_t c = 0;
     for (; c + 8 <= rows; c += 8) {
-        conv_table_rows<8, KC>(codebook + c * r, r, channels, x, x_stride, ld, inv, out + c * ld);
+        conv_table_rows<8, KC>(codebook + c * r, r, channels, x, x_stride, ld, pixels, inv, out + c * ld);
     }
     for (; c + 4 <= rows; c += 4) {
-        conv_table_rows<4, KC>(codebook + c * r, r, channels, x, x_stride, ld, inv, out + c * ld);
+        conv_table_rows<4, KC>(codebook + c * r, r, channels, x, x_stride, ld, pixels, inv, out + c * ld);
     }
-    for (; c < rows; ++c) conv_table_rows<1, KC>(codebook + c * r, r, channels, x, x_stride, ld, inv, out + c * ld);
+    for (; c < rows; ++c) {
+        conv_table_rows<1, KC>(codebook + c * r, r, channels, x, x_stride, ld, pixels, inv, out + c * ld);
+    }
 }
 
 // The table build is a GEMM with inner dimension r (8-16) and a few hundred rows and pixels.
@@ -494,14 +496,16 @@ void conv_table_codewords(const float* codebook, int64_t rows, int64_t r, int64_
 // tiles ~15% faster than 4 x 64 (fewer pixel loads per FMA).
 template <typename Elem>
 void conv_table(const float* codebook, int64_t rows, int64_t r, int64_t channels, const float* x, int64_t x_stride,
-                int64_t ld, float inv_scale, Elem* out) {
+                int64_t ld, int64_t pixels, float inv_scale, Elem* out) {
     const __m512 inv = _mm512_set1_ps(inv_scale);
     // Unrolled for fp32 and fp16 tables; the int16 table's narrowing stores ran ~5% slower so.
     if constexpr (std::is_same_v<Elem, float> || std::is_same_v<Elem, uint16_t>) {
-        if (channels == 8) return conv_table_codewords<8>(codebook, rows, r, channels, x, x_stride, ld, inv, out);
-        if (channels == 16) return conv_table_codewords<16>(codebook, rows, r, channels, x, x_stride, ld, inv, out);
+        if (channels == 8) return conv_table_codewords<8>(codebook, rows, r, channels, x, x_stride, ld, pixels, inv, out);
+        if (channels == 16) {
+            return conv_table_codewords<16>(codebook, rows, r, channels, x, x_stride, ld, pixels, inv, out);
+        }
     }
-    conv_table_codewords<0>(codebook, rows, r, channels, x, x_stride, ld, inv, out);
+    conv_table_codewords<0>(codebook, rows, r, channels, x, x_stride, ld, pixels, inv, out);
 }
 
 // A 32-bit group of four int8 codeword values, read where it lies (vpdpbusd then takes it as an
@@ -548,12 +552,12 @@ __attribute__((always_inline)) inline void conv_table_u8s8_tile(const int8_t* co
 
 template <int CW, int KQ>
 void conv_table_u8s8_rows(const int8_t* codebook, int64_t r4, const uint8_t* x, int64_t x_stride, int64_t ld,
-                          const int32_t* correction, __m512 requant, uint8_t* out) {
+                          int64_t pixels, const int32_t* correction, __m512 requant, uint8_t* out) {
     int64_t q = 0;
-    for (; q + 64 <= ld; q += 64) {
+    for (; q + 64 <= pixels; q += 64) {
         conv_table_u8s8_tile<CW, 4, KQ>(codebook, r4, x + 4 * q, x_stride, ld, correction, requant, out + q);
     }
-    switch ((ld - q) / 16) {
+    switch ((pixels - q) / 16) {
         case 3: conv_table_u8s8_tile<CW, 3, KQ>(codebook, r4, x + 4 * q, x_stride, ld, correction, requant, out + q); break;
         case 2: conv_table_u8s8_tile<CW, 2, KQ>(codebook, r4, x + 4 * q, x_stride, ld, correction, requant, out + q); break;
         case 1: conv_table_u8s8_tile<CW, 1, KQ>(codebook, r4, x + 4 * q, x_stride, ld, correction, requant, out + q); break;
@@ -563,31 +567,33 @@ void conv_table_u8s8_rows(const int8_t* codebook, int64_t r4, const uint8_t* x, 
 
 template <int KQ>
 void conv_table_u8s8_quads(const int8_t* codebook, int64_t rows, int64_t r4, const uint8_t* x, int64_t x_stride,
-                           int64_t ld, const int32_t* correction, __m512 requant, uint8_t* out) {
+                           int64_t ld, int64_t pixels, const int32_t* correction, __m512 requant, uint8_t* out) {
     int64_t c = 0;
     for (; c + 4 <= rows; c += 4) {
-        conv_table_u8s8_rows<4, KQ>(codebook + c * r4, r4, x, x_stride, ld, correction + c, requant, out + c * ld);
+        conv_table_u8s8_rows<4, KQ>(codebook + c * r4, r4, x, x_stride, ld, pixels, correction + c, requant,
+                                    out + c * ld);
     }
     for (; c < rows; ++c) {
-        conv_table_u8s8_rows<1, KQ>(codebook + c * r4, r4, x, x_stride, ld, correction + c, requant, out + c * ld);
+        conv_table_u8s8_rows<1, KQ>(codebook + c * r4, r4, x, x_stride, ld, pixels, correction + c, requant,
+                                    out + c * ld);
     }
 }
 
 // DESIGN §5: with 8-bit operands one vpdpbusd does the work of four fp32 FMAs, which cuts
 // the int8 table build (half of an int8 layer's time with the fp32 build) ~3x.
 void conv_table_u8s8(const int8_t* codebook, int64_t rows, int64_t r4, const uint8_t* x, int64_t x_stride, int64_t ld,
-                     const int32_t* correction, float requant, uint8_t* out) {
+                     int64_t pixels, const int32_t* correction, float requant, uint8_t* out) {
     const __m512 scale = _mm512_set1_ps(requant);
     switch (r4 / 4) {  // the usual segment lengths (r <= 32) unrolled
-        case 1: conv_table_u8s8_quads<1>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
-        case 2: conv_table_u8s8_quads<2>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
-        case 3: conv_table_u8s8_quads<3>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
-        case 4: conv_table_u8s8_quads<4>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
-        case 5: conv_table_u8s8_quads<5>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
-        case 6: conv_table_u8s8_quads<6>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
-        case 7: conv_table_u8s8_quads<7>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
-        case 8: conv_table_u8s8_quads<8>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
-        default: conv_table_u8s8_quads<0>(codebook, rows, r4, x, x_stride, ld, correction, scale, out); break;
+        case 1: conv_table_u8s8_quads<1>(codebook, rows, r4, x, x_stride, ld, pixels, correction, scale, out); break;
+        case 2: conv_table_u8s8_quads<2>(codebook, rows, r4, x, x_stride, ld, pixels, correction, scale, out); break;
+        case 3: conv_table_u8s8_quads<3>(codebook, rows, r4, x, x_stride, ld, pixels, correction, scale, out); break;
+        case 4: conv_table_u8s8_quads<4>(codebook, rows, r4, x, x_stride, ld, pixels, correction, scale, out); break;
+        case 5: conv_table_u8s8_quads<5>(codebook, rows, r4, x, x_stride, ld, pixels, correction, scale, out); break;
+        case 6: conv_table_u8s8_quads<6>(codebook, rows, r4, x, x_stride, ld, pixels, correction, scale, out); break;
+        case 7: conv_table_u8s8_quads<7>(codebook, rows, r4, x, x_stride, ld, pixels, correction, scale, out); break;
+        case 8: conv_table_u8s8_quads<8>(codebook, rows, r4, x, x_stride, ld, pixels, correction, scale, out); break;
+        default: conv_table_u8s8_quads<0>(codebook, rows, r4, x, x_stride, ld, pixels, correction, scale, out); break;
     }
 }
 

@@ -75,20 +75,20 @@ using FcGatherI8Fn = void (*)(const int8_t* table, const int32_t* base, const ui
 
 /// E-Conv table rows of one segment, narrowed as they are stored:
 /// out[c*ld + q] = narrow(sum_{k < channels} codebook[c*r + k] * x[k*x_stride + q]) for c < rows,
-/// q < ld (a multiple of 16), where narrow is the identity (fp32), fp16 rounding, or
+/// q < pixels (a multiple of 16, <= ld), where narrow is the identity (fp32), fp16 rounding, or
 /// saturate(round(value * inv_scale)) (int16; int8 then adds kInt8Bias). Summation runs over k in order with fused
 /// multiply-adds, as OpenBLAS's sgemm kernels do, so results match the sgemm path.
 template <typename Elem>
 using ConvTableFn = void (*)(const float* codebook, int64_t rows, int64_t r, int64_t channels, const float* x,
-                             int64_t x_stride, int64_t ld, float inv_scale, Elem* out);
+                             int64_t x_stride, int64_t ld, int64_t pixels, float inv_scale, Elem* out);
 
 /// int8 E-Conv table rows of one segment from quantised operands (VNNI), offset-binary:
 /// out[c*ld + q] = kInt8Bias + saturate(round((sum_k codebook[c*r4 + k] * x(k, q) - correction[c]) * requant))
-/// for c < rows, q < ld (a multiple of 16), k < r4 (a multiple of 4), where
+/// for c < rows, q < pixels (a multiple of 16, <= ld), k < r4 (a multiple of 4), where
 /// x(k, q) = x[(k/4) * x_stride + 4*q + k%4] (uint8, four channels interleaved per pixel).
 using ConvTableU8S8Fn = void (*)(const int8_t* codebook, int64_t rows, int64_t r4, const uint8_t* x,
-                                 int64_t x_stride, int64_t ld, const int32_t* correction, float requant,
-                                 uint8_t* out);
+                                 int64_t x_stride, int64_t ld, int64_t pixels, const int32_t* correction,
+                                 float requant, uint8_t* out);
 
 /// The ONNX Relu of one value, as the executor's Relu op computes it (x > 0 ? x : 0).
 inline float relu_of(float x) { return x > 0.0f ? x : 0.0f; }
