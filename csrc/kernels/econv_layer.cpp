@@ -461,7 +461,10 @@ void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const Q
     const int64_t slots = static_cast<int64_t>(phase_slots.size());
     const int64_t row0 = strip * p.strip_rows;
     const int64_t strip_rows = std::min(p.strip_rows, p.out.h - row0);
-    const int64_t pixels = round_up(strip_rows * p.phase_w, kPixelBlock);
+    // Sums run to a multiple of 16 pixels (the SIMD kernels end a row of blocks with a narrower
+    // one); the table's columns and the out rows have room for whole blocks.
+    const int64_t summed = round_up(strip_rows * p.phase_w, 16);
+    const int64_t pixels = round_up(summed, kPixelBlock);
     // The table columns this strip's sums read: all of ld but in a shorter last strip (VGG's
     // 28-row layers end in a 4-row strip: its build then does 192 of 320 columns).
     const int64_t built = std::min(p.ld, round_up(pixels + shift_h_max * p.phase_w + shift_w_max, 16));
@@ -532,19 +535,19 @@ void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const Q
             const bool add = k0 > 0;
             switch (precision) {
                 case LutPrecision::kFp32:
-                    k.accumulate_f32(table, offs, terms, count, per_group, pixels, bias.data() + t0, 1.0f, add,
+                    k.accumulate_f32(table, offs, terms, count, per_group, summed, bias.data() + t0, 1.0f, add,
                                      out_rows, p.strip_pixels);
                     break;
                 case LutPrecision::kFp16:
-                    k.accumulate_f16(reinterpret_cast<const uint16_t*>(table), offs, terms, count, per_group, pixels,
+                    k.accumulate_f16(reinterpret_cast<const uint16_t*>(table), offs, terms, count, per_group, summed,
                                      bias.data() + t0, 1.0f, add, out_rows, p.strip_pixels);
                     break;
                 case LutPrecision::kInt16:
-                    k.accumulate_i16(reinterpret_cast<const int16_t*>(table), offs, terms, count, per_group, pixels,
+                    k.accumulate_i16(reinterpret_cast<const int16_t*>(table), offs, terms, count, per_group, summed,
                                      bias.data() + t0, scale, add, out_rows, p.strip_pixels);
                     break;
                 case LutPrecision::kInt8:
-                    k.accumulate_i8(reinterpret_cast<const uint8_t*>(table), offs, terms, count, per_group, pixels,
+                    k.accumulate_i8(reinterpret_cast<const uint8_t*>(table), offs, terms, count, per_group, summed,
                                     bias.data() + t0, scale, add, out_rows, p.strip_pixels);
                     break;
             }

@@ -52,9 +52,10 @@ constexpr int32_t kInt8Bias = 128;
 constexpr int64_t kInt16ChunkTerms = 65536;
 
 /// out[ch][q] = (accumulate ? out[ch][q] : bias[ch]) + scale * sum_k table[offsets[ch][k] + q]
-/// for ch < channels, q < pixels (a multiple of kPixelBlock); row ch of offsets starts at
+/// for ch < channels, q < pixels (a multiple of 16); row ch of offsets starts at
 /// offsets + ch * offset_stride; rows of out are out_stride floats apart. Table entries are
-/// read as values: offset-binary bytes (uint8_t) count as byte - kInt8Bias.
+/// read as values: offset-binary bytes (uint8_t) count as byte - kInt8Bias. A kernel may compute
+/// up to pixels rounded up to kPixelBlock (the out rows and the table have room for that).
 template <typename Elem>
 using AccumulateFn = void (*)(const Elem* table, const int32_t* offsets, int64_t offset_stride, int64_t terms,
                               int64_t channels,

@@ -9,12 +9,13 @@
 
 constexpr int64_t kPrefetchTerms = 8;
 
-// Sums CH output channels over one block of kPixelBlock pixels with all accumulators in
-// registers: every term is kPixelBlock / kLanes contiguous loads at a constant offset.
-template <typename T, int CH>
+// Sums CH output channels over one block of NV * kLanes pixels (kPixelBlock, or fewer at the
+// end of a row of blocks) with all accumulators in registers: every term is NV contiguous loads
+// at a constant offset.
+template <typename T, int CH, int NV>
 inline void accumulate_block(const typename T::Elem* table, const int32_t* const* offs, int64_t terms, int64_t q0,
                              const float* bias, float scale, bool add, float* const* out) {
-    constexpr int kVectors = static_cast<int>(kPixelBlock / T::kLanes);
+    constexpr int kVectors = NV;
     typename T::Acc acc[CH][kVectors];
     for (int c = 0; c < CH; ++c) {
         for (int i = 0; i < kVectors; ++i) acc[c][i] = T::zero();
@@ -27,7 +28,7 @@ inline void accumulate_block(const typename T::Elem* table, const int32_t* const
             const int64_t ahead = std::min(k + kPrefetchTerms, terms - 1);
             for (int c = 0; c < CH; ++c) {
                 const char* run = reinterpret_cast<const char*>(table + offs[c][ahead] + q0);
-                constexpr int kBytes = static_cast<int>(kPixelBlock * sizeof(typename T::Elem));
+                constexpr int kBytes = static_cast<int>(NV * T::kLanes * sizeof(typename T::Elem));
                 for (int b = 0; b < kBytes; b += 64) _mm_prefetch(run + b, _MM_HINT_T0);
                 _mm_prefetch(run + kBytes - 1, _MM_HINT_T0);  // the line an unaligned run spills into
             }
@@ -45,6 +46,17 @@ inline void accumulate_block(const typename T::Elem* table, const int32_t* const
     }
 }
 
+// The last block of a row whose pixel count is not a multiple of kPixelBlock: NV = vectors
+// (VGG 28x28: 240 pixels per strip, the last block 3 of 4 vectors), tried from the widest down.
+template <typename T, int CH, int NV>
+inline void accumulate_tail(int vectors, const typename T::Elem* table, const int32_t* const* offs, int64_t terms,
+                            int64_t q0, const float* bias, float scale, bool add, float* const* out) {
+    if constexpr (NV > 0) {
+        if (vectors == NV) return accumulate_block<T, CH, NV>(table, offs, terms, q0, bias, scale, add, out);
+        accumulate_tail<T, CH, NV - 1>(vectors, table, offs, terms, q0, bias, scale, add, out);
+    }
+}
+
 // Pixel blocks are the outer loop: one block's outputs for every channel are finished before
 // the next, so the table window the block reads (every row, kPixelBlock pixels plus the largest
 // tap shift) is fetched into L2 once and shared by all channels. Channel-major order swept the
@@ -54,7 +66,18 @@ template <typename T, int CH>
 void accumulate(const typename T::Elem* table, const int32_t* offsets, int64_t offset_stride, int64_t terms,
                 int64_t channels, int64_t pixels, const float* bias, float scale, bool add, float* out,
                 int64_t out_stride) {
+    constexpr int kVectors = static_cast<int>(kPixelBlock / T::kLanes);
     for (int64_t q0 = 0; q0 < pixels; q0 += kPixelBlock) {
+        const int vectors = static_cast<int>(std::min<int64_t>(kVectors, (pixels - q0 + T::kLanes - 1) / T::kLanes));
+        const auto block = [&](const int32_t* const* offs, const float* biases, float* const* rows,
+                               auto channels_per_block) {
+            constexpr int kChannels = decltype(channels_per_block)::value;
+            if (vectors == kVectors) {
+                accumulate_block<T, kChannels, kVectors>(table, offs, terms, q0, biases, scale, add, rows);
+            } else {
+                accumulate_tail<T, kChannels, kVectors - 1>(vectors, table, offs, terms, q0, biases, scale, add, rows);
+            }
+        };
         int64_t ch = 0;
         for (; ch + CH <= channels; ch += CH) {
             const int32_t* offs[CH];
@@ -63,12 +86,12 @@ void accumulate(const typename T::Elem* table, const int32_t* offsets, int64_t o
                 offs[c] = offsets + (ch + c) * offset_stride;
                 rows[c] = out + (ch + c) * out_stride;
             }
-            accumulate_block<T, CH>(table, offs, terms, q0, bias + ch, scale, add, rows);
+            block(offs, bias + ch, rows, std::integral_constant<int, CH>{});
         }
         for (; ch < channels; ++ch) {
             const int32_t* offs[1] = {offsets + ch * offset_stride};
             float* rows[1] = {out + ch * out_stride};
-            accumulate_block<T, 1>(table, offs, terms, q0, bias + ch, scale, add, rows);
+            block(offs, bias + ch, rows, std::integral_constant<int, 1>{});
         }
     }
 }
