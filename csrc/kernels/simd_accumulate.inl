@@ -15,10 +15,9 @@ constexpr int64_t kPrefetchTerms = 8;
 template <typename T, int CH, int NV>
 inline void accumulate_block(const typename T::Elem* table, const int32_t* const* offs, int64_t terms, int64_t q0,
                              const float* bias, float scale, bool add, float* const* out) {
-    constexpr int kVectors = NV;
-    typename T::Acc acc[CH][kVectors];
+    typename T::Acc acc[CH][NV];
     for (int c = 0; c < CH; ++c) {
-        for (int i = 0; i < kVectors; ++i) acc[c][i] = T::zero();
+        for (int i = 0; i < NV; ++i) acc[c][i] = T::zero();
     }
     for (int64_t k = 0; k < terms; ++k) {
         if (T::kPrefetch) {
@@ -35,25 +34,26 @@ inline void accumulate_block(const typename T::Elem* table, const int32_t* const
         }
         for (int c = 0; c < CH; ++c) {
             const typename T::Elem* src = table + offs[c][k] + q0;
-            for (int i = 0; i < kVectors; ++i) acc[c][i] = T::add(acc[c][i], src + i * T::kLanes);
+            for (int i = 0; i < NV; ++i) acc[c][i] = T::add(acc[c][i], src + i * T::kLanes);
         }
     }
     for (int c = 0; c < CH; ++c) {
-        for (int i = 0; i < kVectors; ++i) {
+        for (int i = 0; i < NV; ++i) {
             float* dst = out[c] + q0 + i * T::kLanes;
             T::store(acc[c][i], add ? dst : nullptr, bias[c], scale, dst, terms);
         }
     }
 }
 
-// The last block of a row whose pixel count is not a multiple of kPixelBlock: NV = vectors
-// (VGG 28x28: 240 pixels per strip, the last block 3 of 4 vectors), tried from the widest down.
+// accumulate_block with NV = vectors, tried from the widest down: a block is narrower than
+// kPixelBlock at the end of a row whose pixel count is not a multiple of it (VGG 28x28: 240
+// pixels per strip, the last block 3 of 4 vectors).
 template <typename T, int CH, int NV>
-inline void accumulate_tail(int vectors, const typename T::Elem* table, const int32_t* const* offs, int64_t terms,
+inline void accumulate_vectors(int vectors, const typename T::Elem* table, const int32_t* const* offs, int64_t terms,
                             int64_t q0, const float* bias, float scale, bool add, float* const* out) {
     if constexpr (NV > 0) {
         if (vectors == NV) return accumulate_block<T, CH, NV>(table, offs, terms, q0, bias, scale, add, out);
-        accumulate_tail<T, CH, NV - 1>(vectors, table, offs, terms, q0, bias, scale, add, out);
+        accumulate_vectors<T, CH, NV - 1>(vectors, table, offs, terms, q0, bias, scale, add, out);
     }
 }
 
@@ -72,11 +72,7 @@ void accumulate(const typename T::Elem* table, const int32_t* offsets, int64_t o
         const auto block = [&](const int32_t* const* offs, const float* biases, float* const* rows,
                                auto channels_per_block) {
             constexpr int kChannels = decltype(channels_per_block)::value;
-            if (vectors == kVectors) {
-                accumulate_block<T, kChannels, kVectors>(table, offs, terms, q0, biases, scale, add, rows);
-            } else {
-                accumulate_tail<T, kChannels, kVectors - 1>(vectors, table, offs, terms, q0, biases, scale, add, rows);
-            }
+            accumulate_vectors<T, kChannels, kVectors>(vectors, table, offs, terms, q0, biases, scale, add, rows);
         };
         int64_t ch = 0;
         for (; ch + CH <= channels; ch += CH) {
