@@ -267,6 +267,27 @@ def test_dense_ops_split_over_threads_match_onnxruntime(threads, batch):
     assert_parity(model, {"x": x}, rtol=1e-4, threads=threads)
 
 
+@pytest.mark.parametrize("kernel, strides, pads, dilations", [
+    ((3, 3), (1, 1), (2, 3, 1, 0), (2, 3)),  # rows copied whole, clipped at both ends
+    ((3, 2), (1, 2), (0, 5, 1, 4), (1, 2)),  # strided, outputs reading only padding
+    ((1, 4), (2, 3), (1, 0, 0, 2), (1, 1)),
+    ((5, 5), (1, 1), (0, 0, 0, 0), (1, 1)),
+])
+def test_dense_conv_geometries_match_onnxruntime(kernel, strides, pads, dilations):
+    # im2col copies the part of each row that lies inside the input and zero-fills the rest.
+    rng = np.random.default_rng(sum(kernel) + sum(pads))
+    w = rng.standard_normal((5, 3, *kernel)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=list(kernel), strides=list(strides),
+                            pads=list(pads), dilations=list(dilations))
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 11])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = onnx.shape_inference.infer_shapes(model)
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    assert_parity(model, {"x": rng.standard_normal((2, 3, 9, 11)).astype(np.float32)}, rtol=1e-5)
+
+
 def test_unsupported_op_is_refused_at_load():
     graph = helper.make_graph([helper.make_node("Hardmax", ["x"], ["y"], name="hardmax1")], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
