@@ -325,7 +325,7 @@ class ConvOp : public Op {
                         const int64_t hi = std::max(lo, std::min(ow_count, w - 1 - shift >= 0 ? (w - 1 - shift) / s + 1 : 0));
                         std::fill(dst, dst + lo, 0.0f);
                         if (s == 1) {
-                            std::copy(src + lo + shift, src + hi + shift, dst + lo);
+                            if (hi > lo) std::copy(src + lo + shift, src + hi + shift, dst + lo);
                         } else {
                             for (int64_t ow = lo; ow < hi; ++ow) dst[ow] = src[ow * s + shift];
                         }
