@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "../blas.h"
@@ -43,6 +44,14 @@ std::array<int64_t, 4> pads_attr(const Node& node) {
         if (p < 0 || p > kMaxElements) model_error(node.where() + ": invalid pad " + std::to_string(p));
     }
     return {v[0], v[1], v[2], v[3]};  // ONNX order: top, left, bottom, right
+}
+
+// Output columns [lo, hi) of `count` whose input columns ow * stride + first ... + reach all lie
+// in [0, w): the windows (pooling) or taps (im2col) that need no bounds check.
+std::pair<int64_t, int64_t> inside_columns(int64_t count, int64_t w, int64_t stride, int64_t first, int64_t reach) {
+    const int64_t lo = std::min(count, first >= 0 ? 0 : (-first + stride - 1) / stride);
+    const int64_t last = w - 1 - reach - first;  // the largest ow * stride that fits
+    return {lo, std::max(lo, std::min(count, last >= 0 ? last / stride + 1 : 0))};
 }
 
 void require_positive(const Node& node, const std::array<int64_t, 2>& v, const char* what) {
@@ -321,8 +330,7 @@ class ConvOp : public Op {
                         // element (with one, im2col took half of a 3-channel 224x224 first layer).
                         const float* src = x + (c * h + ih) * w;
                         const int64_t shift = j * dilations_[1] - pads_[1], s = strides_[1];
-                        const int64_t lo = std::min(ow_count, shift >= 0 ? 0 : (-shift + s - 1) / s);
-                        const int64_t hi = std::max(lo, std::min(ow_count, w - 1 - shift >= 0 ? (w - 1 - shift) / s + 1 : 0));
+                        const auto [lo, hi] = inside_columns(ow_count, w, s, shift, 0);
                         std::fill(dst, dst + lo, 0.0f);
                         if (s == 1) {
                             if (hi > lo) std::copy(src + lo + shift, src + hi + shift, dst + lo);
@@ -451,11 +459,8 @@ class PoolOp : public Op {
         // Windows that lie wholly inside the input need no bounds checks and, for averages,
         // divide by the full window; edge windows take the general path. The LeNet pair spent
         // a fifth of its int8 run time in pooling before this split.
-        const int64_t reach_w = dilations_[1] * (kernel_[1] - 1);
-        const int64_t inner_lo = std::min(out_w, (pads_[1] + strides_[1] - 1) / strides_[1]);
-        const int64_t inner_hi =
-            std::max(inner_lo, std::min(out_w, w - 1 - reach_w + pads_[1] >= 0
-                                                   ? (w - 1 - reach_w + pads_[1]) / strides_[1] + 1 : 0));
+        const auto [inner_lo, inner_hi] =
+            inside_columns(out_w, w, strides_[1], -pads_[1], dilations_[1] * (kernel_[1] - 1));
         const bool halving = kernel_ == std::array<int64_t, 2>{2, 2} && strides_ == std::array<int64_t, 2>{2, 2} &&
                              dilations_ == std::array<int64_t, 2>{1, 1};
         std::vector<float> columns(halving ? 0 : static_cast<size_t>(w));  // inside_row's scratch

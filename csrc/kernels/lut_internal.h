@@ -36,8 +36,8 @@ class CodeView {
 /// segment, 1 + the largest code used.
 CodeView validated_codes(const EncodedWeight& weight, std::vector<int64_t>& rows);
 
-/// Output pixels of one accumulate call are processed in blocks of this many; callers round
-/// pixel counts up to it and give the table that much slack.
+/// Output pixels of one accumulate call are processed in blocks of this many (the last one of a
+/// call may be narrower); callers give the table and the out rows room for whole blocks.
 constexpr int64_t kPixelBlock = 64;
 /// Output channels an E-FC kernel handles per block (codes are stored [block][segment][64]).
 constexpr int64_t kFcBlock = 64;

@@ -100,7 +100,7 @@ def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, 
     ``profile`` adds ``result["profile"][lut]``: each node's mean time over ``repeat`` more runs
     of a profiling session (kept apart from the timed runs, which it would slow down).
     """
-    from neuralmerge.runtime.pack import MAGIC, pack_model
+    from neuralmerge.runtime.pack import is_packed, pack_model
 
     if not Path(merged).is_file():
         raise ModelLoadError(f"no such model file: {merged}")
@@ -126,9 +126,7 @@ def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, 
                 int8 = [ort_session(p, threads) for p in int8_paths]
             result["ort_int8_ms"] = median_ms(lambda: [s.run(None, f) for s, f in zip(int8, fp32_feeds)], repeat, warmup)
 
-    packed = Path(merged).read_bytes()
-    if not packed.startswith(MAGIC):
-        packed = pack_model(merged)
+    packed = Path(merged).read_bytes() if is_packed(merged) else pack_model(merged)
     result["merged"]["nmpack_bytes"] = len(packed)
     for lut in luts:
         session = Session(packed, lut=lut, threads=threads)

@@ -25,7 +25,7 @@ import numpy as np
 
 from neuralmerge.errors import NeuralMergeError
 
-__all__ = ["ModelError", "MAGIC", "VERSION", "pack_model", "pack_file"]
+__all__ = ["ModelError", "MAGIC", "VERSION", "is_packed", "pack_model", "pack_file"]
 
 MAGIC = b"NMPACK\r\n"
 VERSION = 1
@@ -39,6 +39,12 @@ _ELAYER_DOMAIN = "ai.neuralmerge"
 
 class ModelError(NeuralMergeError, ValueError):
     """A model file is malformed, inconsistent, or uses an op the neuralmerge runtime cannot run."""
+
+
+def is_packed(path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` is an ``.nmpack`` (by its magic bytes, whatever its name)."""
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
 
 
 def pack_file(source: str | os.PathLike, destination: str | os.PathLike) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 
 from neuralmerge.errors import ConfigError, NeuralMergeError
 from neuralmerge.runtime import _native
-from neuralmerge.runtime.pack import MAGIC, ModelError, pack_model
+from neuralmerge.runtime.pack import ModelError, is_packed, pack_model
 
 __all__ = ["Session", "TensorSpec", "NodeTime", "FeedError", "ModelError", "PRECISIONS"]
 
@@ -83,9 +83,7 @@ class Session:
                 path = Path(model)
                 if not path.is_file():
                     raise ModelError(f"no such model file: {path}")
-                with open(path, "rb") as f:
-                    is_pack = f.read(len(MAGIC)) == MAGIC
-                if is_pack:
+                if is_packed(path):
                     self._native = lib.Session.from_file(str(path), lut, threads, profile)
                 else:
                     self._native = lib.Session.from_buffer(pack_model(path), lut, threads, profile)
