@@ -104,17 +104,8 @@ nm::Shape4 shape4(const py::array& x) {
 
 nm::ConvGeometry geometry(const std::array<int64_t, 2>& strides, const std::array<int64_t, 4>& pads,
                           const std::array<int64_t, 2>& dilations, int64_t group) {
-    nm::ConvGeometry g;
-    g.stride_h = strides[0];
-    g.stride_w = strides[1];
-    g.pad_top = pads[0];
-    g.pad_left = pads[1];
-    g.pad_bottom = pads[2];
-    g.pad_right = pads[3];
-    g.dilation_h = dilations[0];
-    g.dilation_w = dilations[1];
-    g.group = group;
-    return g;
+    return nm::ConvGeometry{strides[0], strides[1], pads[0], pads[1], pads[2], pads[3], dilations[0], dilations[1],
+                            group};
 }
 
 std::array<int64_t, 4> econv_output_shape(const py::array& x, const py::array& codebook, const py::array& codes,

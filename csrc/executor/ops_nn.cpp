@@ -157,20 +157,12 @@ class EConvOp : public Op {
    public:
     EConvOp(const Node& node, const PackedModel& model, const SessionOptions& options) : Op(node) {
         EncodedWeight w = encoded_weight(node, model, 4, segment_codewords_);
-        ConvGeometry g;
         const auto strides = pair_attr(node, "strides", 1), dilations = pair_attr(node, "dilations", 1);
         require_positive(node, strides, "strides");
         require_positive(node, dilations, "dilations");
         const auto pads = pads_attr(node);
-        g.stride_h = strides[0];
-        g.stride_w = strides[1];
-        g.dilation_h = dilations[0];
-        g.dilation_w = dilations[1];
-        g.pad_top = pads[0];
-        g.pad_left = pads[1];
-        g.pad_bottom = pads[2];
-        g.pad_right = pads[3];
-        g.group = node.attr_int("group", 1);
+        const ConvGeometry g{strides[0], strides[1], pads[0],      pads[1],
+                             pads[2],    pads[3],    dilations[0], dilations[1], node.attr_int("group", 1)};
         require(g.group >= 1 && g.group <= kMaxElements, "invalid group " + std::to_string(g.group));
         layer_ = std::make_unique<EConvLayer>(as_model_error(node, [&] { return EConvLayer(w, g, lut_options(node, model, options)); }));
     }

@@ -44,7 +44,8 @@ struct EncodedWeight {
     const int64_t* segment_codewords = nullptr;  ///< optional [segments]: C_v of each segment
 };
 
-/// Convolution attributes with ONNX meanings; pads are [top, left, bottom, right].
+/// Convolution attributes with ONNX meanings; pads are [top, left, bottom, right]. Built by
+/// aggregate initialisation in this field order.
 struct ConvGeometry {
     int64_t stride_h = 1, stride_w = 1;
     int64_t pad_top = 0, pad_left = 0, pad_bottom = 0, pad_right = 0;
