@@ -79,6 +79,19 @@ CodeView validated_codes(const EncodedWeight& w, std::vector<int64_t>& rows) {
         }
     }
 
+    if (w.segment_codewords) {
+        // Each segment owns its rows (docs/format.md): overlapping claims would let a small file
+        // make the layers copy the same rows once per segment.
+        std::vector<int64_t> order(rho);
+        for (int64_t v = 0; v < rho; ++v) order[v] = v;
+        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return w.offsets[a] < w.offsets[b]; });
+        for (int64_t i = 1; i < rho; ++i) {
+            require(end[order[i - 1]] <= w.offsets[order[i]],
+                    "segments " + std::to_string(order[i - 1]) + " and " + std::to_string(order[i]) +
+                        " claim overlapping codebook rows");
+        }
+    }
+
     const int64_t count = code_count(w);
     const CodeView codes(w.codes, w.code_type, count);
     rows.assign(rho, 0);

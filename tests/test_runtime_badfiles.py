@@ -207,6 +207,106 @@ def test_malformed_json_header(packed):
         load_fails(bytes(data))
 
 
+def nmpack(tensors: dict, inputs: dict, outputs: dict, nodes: list, elayers: dict | None = None) -> bytes:
+    """A .nmpack written by hand, past the packer's own checks: the runtime alone must refuse it."""
+    header = {"format": "neuralmerge-pack", "opset": 17, "tensors": [], "nodes": nodes, "elayers": elayers or {},
+              "inputs": [{"name": n, "dtype": "float32", "shape": s} for n, s in inputs.items()],
+              "outputs": [{"name": n, "dtype": "float32", "shape": s} for n, s in outputs.items()], "metadata": {}}
+    blob = bytearray()
+    for name, array in tensors.items():
+        header["tensors"].append({"name": name, "dtype": str(array.dtype), "shape": list(array.shape),
+                                  "offset": len(blob), "size": array.nbytes})
+        blob += array.tobytes() + bytes(-array.nbytes % 64)
+    return join(header, bytes(blob))
+
+
+def node(op: str, inputs: list, outputs: list, **attrs) -> dict:
+    domain = DOMAIN if op in ("EConv", "EGemm") else ""
+    return {"name": f"{op}->{outputs[0]}", "op": op, "domain": domain, "inputs": inputs, "outputs": outputs,
+            "attrs": attrs}
+
+
+def i64(*values: int) -> np.ndarray:
+    return np.array(values, np.int64)
+
+
+def hostile_files() -> dict[str, tuple[bytes, str]]:
+    """Small files that asked for wrapped integers, huge allocations or shared bytes before the
+    runtime checked for them (a review of the loader found each): name -> (file, what the error says)."""
+    packed = pack_model(tiny_merged_model())
+
+    def mutated(change) -> bytes:
+        header, blob = split(packed)
+        change(header)
+        return join(header, blob)
+
+    def reshape(a: np.ndarray, b: np.ndarray, op: str) -> bytes:  # x reshaped to the shape a op b
+        return nmpack({"a": a, "b": b}, {"x": [1, 4]}, {"y": [4]}, [node(op, ["a", "b"], ["s"]),
+                                                                     node("Reshape", ["x", "s"], ["y"])])
+    econv = {"cb": np.zeros((2, 1), np.float32), "codes": np.zeros((1, 2, 1, 1), np.uint8), "off": i64(0),
+             "depth": i64(1), "bias": np.zeros(1, np.float32)}
+    scales = np.array([1, 1, 32768, 32768], np.float32)
+    return {
+        "INT64_MIN / -1": (reshape(i64(-2**63), i64(-1), "Div"), "integer overflow"),
+        "2^62 * 4": (reshape(i64(2**62), i64(4), "Mul"), "integer overflow"),
+        "Gemm with a [4, 0] weight": (
+            nmpack({"w": np.zeros((4, 0), np.float32)}, {"x": [1, 4]}, {"y": [1, 1]}, [node("Gemm", ["x", "w"], ["y"])]),
+            "empty weight"),
+        "three Resizes by 32768": (
+            nmpack({"scales": scales}, {"x": [1, 1, 1, 1]}, {f"y{i}": [1, 1, 32768, 32768] for i in range(3)},
+                   [node("Resize", ["x", "", "scales"], [f"y{i}"]) for i in range(3)]),
+            "more than the runtime's limit"),
+        "a 1x1 input padded by 16387": (
+            nmpack({"w": np.ones((1, 1, 8, 8), np.float32)}, {"x": [1, 1, 1, 1]}, {"y": [1, 1, 32768, 32768]},
+                   [node("Conv", ["x", "w"], ["y"], pads=[16387] * 4)]),
+            "more than the runtime's limit"),
+        "a Gather of 2^30 known integers": (
+            nmpack({"d": np.zeros((1, 16384), np.int64), "i": np.zeros(65536, np.int64)}, {"x": [1, 4]}, {"y": [4]},
+                   [node("Gather", ["d", "i"], ["g"]), node("Reshape", ["x", "g"], ["y"])]),
+            "shape arithmetic on 1073741824 integers"),
+        "an EConv dilated by 2^30": (
+            nmpack(econv, {"x": [1, 1, 1, 1]}, {"y": [1, 1, 1, 1]},
+                   [node("EConv", ["x", "cb", "codes", "off", "depth", "bias"], ["y"], dilations=[2**30, 1],
+                         pads=[2**29, 0, 2**29, 2**20 - 1])], {"EConv->y": {"segment_codewords": [2]}}),
+            "too large"),
+        "segments claiming the same codebook rows": (
+            mutated(lambda h: h["elayers"]["m0.conv"].update(segment_codewords=[4, 2])), "overlapping codebook rows"),
+        "tensors sharing bytes": (
+            mutated(lambda h: tensor(h, "m0.fc.bias").update(offset=tensor(h, "m0.conv.bias")["offset"])),
+            "overlap in the data section"),
+    }
+
+
+HOSTILE = hostile_files()
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_files_are_refused_before_they_allocate(name):
+    data, words = HOSTILE[name]
+    load_fails(data, words)
+
+
+def test_outputs_report_the_shapes_the_graph_computes(packed):
+    # A declared shape can be wrong (onnx's shape inference gets some ceil_mode pools wrong and
+    # onnxruntime only warns): Session.outputs reports what the graph computes, free dims free.
+    header, blob = split(packed)
+    header["outputs"][0]["shape"] = [-1, 7]
+    session = Session(join(header, blob))
+    assert [tuple(o.shape) for o in session.outputs] == [tuple(o.shape) for o in Session(packed).outputs]
+    assert session.outputs[0].shape[1] == 5
+    assert session.run({"x": np.ones((2, 3, 6, 6), np.float32)})["y"].shape == (2, 5)
+
+
+def test_packing_refuses_to_fold_a_huge_constant(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["shape"], ["big"]), helper.make_node("ReduceSum", ["big"], ["s"]),
+         helper.make_node("Add", ["x", "s"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [numpy_helper.from_array(i64(2**29), "shape")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "big.onnx")
+    with pytest.raises(ModelError, match="ConstantOfShape -> 'big' would make 536870912 elements"):
+        Session(tmp_path / "big.onnx")
+
+
 def test_random_mutations_never_crash(packed):
     """300 mutated files (bytes flipped in the header and the data): each loads and runs, or is refused."""
     rng = np.random.default_rng(0)
@@ -301,3 +401,16 @@ def test_sanitized_cpp_runtime_runs_the_dense_ops(sanitized_loader, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Sanitizer" not in result.stderr and "runtime error" not in result.stderr, result.stderr[-3000:]
     assert result.stdout.splitlines()[-1] == f"ran {len(paths)}, refused 0"
+
+
+def test_sanitized_cpp_loader_refuses_hostile_files(sanitized_loader, tmp_path):
+    """The hostile files above, in the sanitized C++ loader: each refused, no sanitizer report
+    (signed overflow and division traps included)."""
+    paths = []
+    for i, (data, _) in enumerate(HOSTILE.values()):
+        paths.append(tmp_path / f"hostile{i}.nmpack")
+        paths[-1].write_bytes(data)
+    result = subprocess.run([str(sanitized_loader), *map(str, paths)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Sanitizer" not in result.stderr and "runtime error" not in result.stderr, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == f"ran 0, refused {len(paths)}", result.stdout

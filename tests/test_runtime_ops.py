@@ -131,6 +131,32 @@ def test_dilated_max_pooling_windows_inside_rows():
                            pads=[1, 2, 1, 2]), {"x": x})
 
 
+@pytest.mark.parametrize("include_pad", [0, 1])
+@pytest.mark.parametrize("kernel, dilations, pads, ceil", [
+    ([2, 2], [2, 2], [1, 1, 1, 1], 0),
+    ([3, 2], [2, 3], [2, 1, 0, 1], 1),
+    ([3, 3], [3, 1], [0, 0, 0, 0], 0),
+])
+def test_dilated_average_pooling(kernel, dilations, pads, ceil, include_pad):
+    # Opset 19's dilations: edge windows count (and, with count_include_pad, pad) only the
+    # cells their dilated taps land on.
+    x = rand(1, 2, 11, 13)
+    check(helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=kernel, dilations=dilations, pads=pads,
+                           ceil_mode=ceil, count_include_pad=include_pad), {"x": x}, opset=19)
+
+
+def test_transpose_of_a_scalar():
+    # A reduction to a scalar, transposed (a no-op), then reshaped back to rank 1.
+    x = rand(1, 3, 4, 5)
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0), helper.make_node("Transpose", ["s"], ["t"]),
+         helper.make_node("Reshape", ["t", "one"], ["y"])], "scalar",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [numpy_helper.from_array(ints([1]), "one")])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    np.testing.assert_allclose(Session(pack_model(model)).run({"x": x})["y"], [x.sum()], rtol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
 @pytest.mark.parametrize("pads", [[0, 0, 1, 2, 0, 0, 2, 1], [0, 1, 0, 0, 0, 0, 2, 3], [0, 0, -1, 1, 0, 0, 2, -2]])
 def test_pad_modes_opset_13(mode, pads):

@@ -3,9 +3,11 @@
 // overflow-checked and every tensor range must lie inside the file.
 #include "model.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <tuple>
 #include <unordered_set>
 
 namespace neuralmerge::detail {
@@ -220,6 +222,7 @@ std::shared_ptr<const PackedModel> read_pack(std::shared_ptr<unsigned char> byte
     model->opset = opset.as_int();
 
     std::unordered_set<std::string> defined;
+    std::vector<std::tuple<uint64_t, uint64_t, std::string>> ranges;  // byte ranges: offset, size, name
     for (const json::Value& t : array_member(header, "tensors", "header")) {
         if (!t.is_object()) model_error("header: every tensor must be an object");
         const std::string& name = string_member(t, "name", "a tensor");
@@ -244,6 +247,7 @@ std::shared_ptr<const PackedModel> read_pack(std::shared_ptr<unsigned char> byte
             model_error(where + ": bytes [" + std::to_string(off) + ", +" + std::to_string(len) +
                         ") lie outside the data section of " + std::to_string(data_size) + " bytes (truncated file?)");
         }
+        if (len > 0) ranges.emplace_back(off, len, name);
         c.data = base + data_offset + off;
         if (c.dtype == DType::kFloat16) {
             const auto* h = static_cast<const unsigned char*>(c.data);
@@ -254,6 +258,16 @@ std::shared_ptr<const PackedModel> read_pack(std::shared_ptr<unsigned char> byte
             c.dtype = DType::kFloat32;
         }
         model->constants.emplace(name, std::move(c));
+    }
+
+    // Tensors must not share bytes: the session hands the pages of the constants E-layers copy
+    // back to the OS, which would zero any other tensor stored in them.
+    std::sort(ranges.begin(), ranges.end());
+    for (size_t i = 1; i < ranges.size(); ++i) {
+        const auto& [off, len, name] = ranges[i - 1];
+        if (off + len > std::get<0>(ranges[i])) {
+            model_error("tensors '" + name + "' and '" + std::get<2>(ranges[i]) + "' overlap in the data section");
+        }
     }
 
     for (const json::Value& v : array_member(header, "inputs", "header")) {

@@ -33,6 +33,15 @@ ValueInfo float_value(Dims shape) {
     return v;
 }
 
+int64_t known_numel(const Dims& shape, const std::string& what) {
+    const int64_t n = checked_numel(shape, what);
+    if (n > kMaxKnownInts) {
+        model_error(what + ": shape arithmetic on " + std::to_string(n) + " integers (at most " +
+                    std::to_string(kMaxKnownInts) + ")");
+    }
+    return n;
+}
+
 ValueInfo known_value(Dims shape, std::vector<int64_t> ints) {
     ValueInfo v;
     v.dtype = DType::kInt64;

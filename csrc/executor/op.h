@@ -96,5 +96,10 @@ int64_t normalize_axis(int64_t axis, int64_t rank, const Node& node, int64_t ext
 
 ValueInfo float_value(Dims shape);
 ValueInfo known_value(Dims shape, std::vector<int64_t> ints);
+/// Integers known before running (shape arithmetic) are small: a larger constant is data, and
+/// an op computing more than this (a broadcast, a Gather) is an error before it allocates.
+constexpr int64_t kMaxKnownInts = int64_t{1} << 16;
+/// checked_numel of a known result's shape, checked against kMaxKnownInts.
+int64_t known_numel(const Dims& shape, const std::string& what);
 
 }  // namespace neuralmerge::detail

@@ -136,18 +136,29 @@ class BinaryOp : public Op {
         const Dims shape = broadcast_shape(a.shape, b.shape, node_);
         if (a.dtype == DType::kInt64 && b.dtype == DType::kInt64) {  // shape arithmetic
             const std::vector<int64_t>&ia = known_ints(in, 0), &ib = known_ints(in, 1);
-            std::vector<int64_t> out(static_cast<size_t>(checked_numel(shape, "shape arithmetic")));
-            bool divided_by_zero = false;
+            std::vector<int64_t> out(static_cast<size_t>(known_numel(shape, node_.where())));
+            // The operands come from the file: an overflow is an error, not a wrapped shape.
+            bool divided_by_zero = false, overflowed = false;
             broadcast_apply(ia.data(), a.shape, ib.data(), b.shape, out.data(), shape, [&](int64_t x, int64_t y) {
+                int64_t z = 0;
                 switch (kind_) {
-                    case BinaryKind::kAdd: return x + y;
-                    case BinaryKind::kSub: return x - y;
-                    case BinaryKind::kMul: return x * y;
-                    case BinaryKind::kDiv: divided_by_zero |= y == 0; return y == 0 ? int64_t{0} : x / y;
+                    case BinaryKind::kAdd: overflowed |= __builtin_add_overflow(x, y, &z); break;
+                    case BinaryKind::kSub: overflowed |= __builtin_sub_overflow(x, y, &z); break;
+                    case BinaryKind::kMul: overflowed |= __builtin_mul_overflow(x, y, &z); break;
+                    case BinaryKind::kDiv:
+                        if (y == 0) {
+                            divided_by_zero = true;
+                        } else if (y == -1) {  // INT64_MIN / -1 overflows (and traps on x86)
+                            overflowed |= __builtin_sub_overflow(int64_t{0}, x, &z);
+                        } else {
+                            z = x / y;
+                        }
+                        break;
                 }
-                return int64_t{0};
+                return z;
             });
             require(!divided_by_zero, "integer division by zero");
+            require(!overflowed, "integer overflow in shape arithmetic");
             return {known_value(shape, std::move(out))};
         }
         float_input(in, 0);

@@ -176,7 +176,9 @@ class EConvOp : public Op {
 
     // Enough for either thread count a run may use (the session's, or 1 inside a task).
     size_t workspace_floats(const Infos& in, const Infos&) const override {
-        return std::max(layer_->workspace_floats(shape4(in[0]->shape)), layer_->workspace_floats(shape4(in[0]->shape), 1));
+        return as_model_error(node_, [&] {
+            return std::max(layer_->workspace_floats(shape4(in[0]->shape)), layer_->workspace_floats(shape4(in[0]->shape), 1));
+        });
     }
 
     void run(const Infos& in, const Infos&, RunContext& ctx) const override {
@@ -365,6 +367,7 @@ class GemmOp : public Op {
         const int64_t k = trans_a_ ? a.shape[0] : a.shape.back();
         const int64_t kb = trans_b_ ? b.shape[1] : b.shape[0], n = trans_b_ ? b.shape[0] : b.shape[1];
         require(k == kb, "inner dimensions differ: " + dims_text(a.shape) + " x " + dims_text(b.shape));
+        require(k > 0 && n > 0, "empty weight " + dims_text(b.shape));
         Dims out = a.shape;
         if (trans_a_) out = {a.shape[1], n};
         else out.back() = n;
@@ -541,14 +544,22 @@ class PoolOp : public Op {
             return best;
         }
         // The divisor counts padding cells (count_include_pad) but never cells past the padding.
-        const int64_t h_end = std::min(h0 + kernel_[0], h + pads_[2]), w_end = std::min(w0 + kernel_[1], w + pads_[3]);
-        const int64_t padded_count = (h_end - h0) * (w_end - w0);
-        const int64_t hs = std::max<int64_t>(h0, 0), he = std::min(h_end, h), ws = std::max<int64_t>(w0, 0), we = std::min(w_end, w);
         float sum = 0.0f;
-        for (int64_t ih = hs; ih < he; ++ih) {
-            for (int64_t iw = ws; iw < we; ++iw) sum += x[ih * w + iw];
+        int64_t inside = 0, padded = 0;
+        for (int64_t i = 0; i < kernel_[0]; ++i) {
+            const int64_t ih = h0 + i * dilations_[0];
+            if (ih >= h + pads_[2]) break;
+            for (int64_t j = 0; j < kernel_[1]; ++j) {
+                const int64_t iw = w0 + j * dilations_[1];
+                if (iw >= w + pads_[3]) break;
+                ++padded;
+                if (ih >= 0 && ih < h && iw >= 0 && iw < w) {
+                    sum += x[ih * w + iw];
+                    ++inside;
+                }
+            }
         }
-        const int64_t count = include_pad_ ? padded_count : std::max<int64_t>((he - hs) * (we - ws), 1);
+        const int64_t count = include_pad_ ? padded : std::max<int64_t>(inside, 1);
         return sum / static_cast<float>(count);
     }
 

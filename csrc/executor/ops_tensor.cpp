@@ -128,7 +128,11 @@ class TransposeOp : public Op {
         const Dims& xs = in[0]->shape;
         const Dims p = perm(xs.size());
         const size_t rank = xs.size();
-        if (rank == 0 || in[0]->numel() == 0) return;
+        if (in[0]->numel() == 0) return;
+        if (rank == 0) {  // a scalar is its own transpose
+            ctx.out[0][0] = ctx.in[0][0];
+            return;
+        }
         Dims in_stride(rank, 1);
         for (size_t i = rank - 1; i-- > 0;) in_stride[i] = in_stride[i + 1] * xs[i + 1];
         const Dims& ys = out[0]->shape;
@@ -207,7 +211,7 @@ class ConcatOp : public Op {
             parts.push_back(known_ints(in, i).data());
             shapes.push_back(in[i]->shape);
         }
-        std::vector<int64_t> values(static_cast<size_t>(checked_numel(out, node_.where())));
+        std::vector<int64_t> values(static_cast<size_t>(known_numel(out, node_.where())));
         concat(parts, shapes, axis, values.data());
         return {known_value(out, std::move(values))};
     }
@@ -257,6 +261,7 @@ class GatherOp : public Op {
         out.insert(out.end(), in[1]->shape.begin(), in[1]->shape.end());
         out.insert(out.end(), data.shape.begin() + axis + 1, data.shape.end());
         std::vector<int64_t> values;
+        values.reserve(static_cast<size_t>(known_numel(out, node_.where())));
         for (int64_t o = 0; o < outer; ++o) {
             for (int64_t index : indices) {
                 require(index >= -extent && index < extent, "index " + std::to_string(index) + " is out of range");
@@ -315,7 +320,7 @@ class SliceOp : public Op {
         for (const SliceAxis& a : axes) out.push_back(a.count);
         if (data.dtype == DType::kInt64) {
             require(data.known, "an integer input must be known before running (shape arithmetic)");
-            std::vector<int64_t> values(static_cast<size_t>(checked_numel(out, node_.where())));
+            std::vector<int64_t> values(static_cast<size_t>(known_numel(out, node_.where())));
             slice_copy(data.ints.data(), data.shape, axes, values.data());
             return {known_value(out, std::move(values))};
         }

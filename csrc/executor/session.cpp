@@ -35,6 +35,9 @@ using detail::ValueInfo;
 namespace {
 
 constexpr size_t kMaxCachedPlans = 8;
+// Activations and workspaces of one plan, in floats (4 GiB): a small file can ask for far more
+// (a Resize by 32768, padding of 2^14 around a 1x1 input), which no device has to give.
+constexpr size_t kMaxPlanFloats = size_t{1} << 30;
 constexpr int kNoValue = -1;
 
 // A Relu whose input is an E-layer's output and nothing else's (not a graph output either) is
@@ -173,7 +176,7 @@ class SessionImpl {
             info.dtype = constant.dtype;
             info.shape = constant.shape;
             if (constant.dtype == DType::kFloat32) info.constant = static_cast<const float*>(constant.data);
-            if (constant.dtype == DType::kInt64 && constant.numel <= kMaxKnownInts) {
+            if (constant.dtype == DType::kInt64 && constant.numel <= detail::kMaxKnownInts) {
                 const auto* p = static_cast<const int64_t*>(constant.data);
                 info.known = true;
                 info.ints.assign(p, p + constant.numel);
@@ -203,11 +206,24 @@ class SessionImpl {
             shapes.push_back(s);
         }
         std::vector<bool> fed(model_->inputs.size(), true);
-        make_plan(output_ids_, shapes, fed);
+        const std::unique_ptr<Plan> plan = make_plan(output_ids_, shapes, fed);
+        // Outputs report the shapes the graph computes: a file's declared shapes can be wrong
+        // (onnx's shape inference and onnxruntime disagree on some ceil_mode pools, and
+        // onnxruntime only warns). Dimensions declared free stay free.
+        outputs_ = model_->outputs;
+        for (size_t i = 0; i < outputs_.size(); ++i) {
+            Dims& declared = outputs_[i].shape;
+            const Dims& computed = plan->infos[static_cast<size_t>(output_ids_[i])].shape;
+            if (declared.size() != computed.size()) {
+                declared = computed;
+                continue;
+            }
+            for (size_t d = 0; d < computed.size(); ++d) declared[d] = declared[d] < 0 ? -1 : computed[d];
+        }
     }
 
     const std::vector<TensorInfo>& inputs() const { return model_->inputs; }
-    const std::vector<TensorInfo>& outputs() const { return model_->outputs; }
+    const std::vector<TensorInfo>& outputs() const { return outputs_; }
 
     std::vector<Tensor> run(const std::vector<std::pair<std::string, TensorView>>& feeds,
                             const std::vector<std::string>& output_names) {
@@ -297,8 +313,6 @@ class SessionImpl {
     }
 
    private:
-    static constexpr int64_t kMaxKnownInts = 1 << 16;
-
     // Constants that no op reads at run time (E-layers copy their codebooks, codes, offsets and
     // biases into their own layouts when they are built; plans only pass such pointers along, and
     // int64 constants were copied into constant_infos_) hand their whole pages back to the OS:
@@ -525,6 +539,11 @@ class SessionImpl {
             arena_end += round_up(arena.size());
             workspace_end += round_up(workspace);
         }
+        if (arena_end + workspace_end > kMaxPlanFloats) {
+            detail::model_error("the model needs " + std::to_string((arena_end + workspace_end) >> 28) +
+                                " GiB of activations and workspace, more than the runtime's limit of " +
+                                std::to_string(kMaxPlanFloats >> 28) + " GiB");
+        }
         plan->arena.assign(arena_end, 0.0f);
         plan->workspace.assign(workspace_end, 0.0f);
         return plan;
@@ -671,6 +690,7 @@ class SessionImpl {
     }
 
     std::shared_ptr<const detail::PackedModel> model_;
+    std::vector<TensorInfo> outputs_;  // the model's outputs with the shapes the graph computes
     SessionOptions options_;
     std::unordered_map<std::string, int> values_;
     std::unordered_map<int, ValueInfo> constant_infos_;

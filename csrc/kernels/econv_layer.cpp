@@ -44,6 +44,18 @@ constexpr int64_t kTableBudgetBytes = int64_t{1} << 20;
 [[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
 
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// A plan's sizes are products of extents a model file sets (pads and dilations reach 2^30):
+// an overflow, or a size no device holds, is an error and never a wrapped size. Below the
+// bound, the few sums and products of these sizes a plan forms cannot overflow either.
+constexpr int64_t kMaxPlanSize = int64_t{1} << 48;
+int64_t size_product(std::initializer_list<int64_t> factors) {
+    int64_t product = 1;
+    for (int64_t f : factors) {
+        if (__builtin_mul_overflow(product, f, &product) || product > kMaxPlanSize) fail("layer too large for its input");
+    }
+    return product;
+}
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t element_bytes(LutPrecision precision) {
@@ -299,12 +311,13 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in, int requested_threads) const {
     p.padded_w = in.w + g.pad_left + g.pad_right;
     p.phase_w = ceil_div(p.padded_w, g.stride_w);
     p.phase_h = ceil_div(p.padded_h, g.stride_h);
+    size_product({p.padded_h, p.padded_w});  // bounds every extent below
 
     const int64_t slots = static_cast<int64_t>(phase_slots.size());
     const int64_t bytes = element_bytes(options.precision);
     const int64_t max_rows = *std::max_element(rows.begin(), rows.end());
     // Rows per strip: the table of (strip_rows + shift_h_max) phase rows should fit the budget.
-    const int64_t row_bytes = slots * total_rows * p.phase_w * bytes;
+    const int64_t row_bytes = size_product({slots, total_rows, p.phase_w, bytes});
     // At least 4 * shift_h_max rows, so that rebuilding the rows strips share costs <= 25%.
     int64_t strip_rows = std::max<int64_t>(
         {1, 4 * shift_h_max, kTableBudgetBytes / std::max<int64_t>(row_bytes, 1) - shift_h_max});
@@ -312,7 +325,7 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in, int requested_threads) const {
     // Table terms summed over all output pixels: below this a layer takes ~10 us on one thread,
     // and a second one adds its start-up and the strips' shared rows for nothing.
     constexpr int64_t kMinParallelWork = int64_t{1} << 18;
-    const int64_t work = p.in.n * out_channels * terms * p.out.h * p.phase_w;
+    const int64_t work = size_product({p.in.n, out_channels, terms, p.out.h, p.phase_w});
     const int threads = work < kMinParallelWork ? 1 : requested_threads > 0 ? requested_threads : options.threads;
     if (threads > units_per_strip_set) {
         // Enough strips that every thread has work.
@@ -325,7 +338,7 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in, int requested_threads) const {
     p.ld = round_up(p.strip_pixels + shift_h_max * p.phase_w + shift_w_max, 16);
     const int64_t last_strip_start = (p.strips - 1) * p.strip_rows * p.phase_w;
     p.plane_stride = round_up(std::max(p.phase_h * p.phase_w, last_strip_start + p.ld), 16);
-    if (slots * total_rows * p.ld > std::numeric_limits<int32_t>::max()) fail("lookup table too large");
+    if (size_product({slots, total_rows, p.ld}) > std::numeric_limits<int32_t>::max()) fail("lookup table too large");
     const int64_t segment_table_bytes = slots * max_rows * p.ld * bytes;
     // When that floor makes the strip's table outgrow the budget, it is built and summed a
     // chunk of segments at a time: a table spilling to L3 made both its (store-bound) build and
@@ -338,13 +351,13 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in, int requested_threads) const {
         chunk_rows_max = std::max(chunk_rows_max, p.chunk_rows.back());
     }
 
-    p.input_floats = in.n * in.c * slots * p.plane_stride;
-    p.quantised_floats = vnni ? in.n * geometry.group * rho * r4 * slots * p.plane_stride / 4 : 0;
+    p.input_floats = size_product({in.n, in.c, slots, p.plane_stride});
+    p.quantised_floats = vnni ? size_product({in.n, geometry.group, rho, r4, slots, p.plane_stride}) / 4 : 0;
     p.table_floats = round_up(ceil_div(slots * chunk_rows_max * p.ld * bytes, 4), 16);
     const bool narrows_scratch = options.precision != LutPrecision::kFp32 && !vnni &&
                                  !has_fused_build(*kernels, options.precision);
     p.scratch_floats = narrows_scratch ? round_up(max_rows * p.ld, 16) : 0;
-    p.out_floats = out_channels / g.group * p.strip_pixels;
+    p.out_floats = size_product({out_channels / g.group, p.strip_pixels});
     p.worker_floats = p.table_floats + p.scratch_floats + p.out_floats;
     p.workers = static_cast<int>(std::min<int64_t>(threads, p.in.n * g.group * p.strips));
     return p;

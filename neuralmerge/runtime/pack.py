@@ -17,6 +17,7 @@ not constant subgraphs; shape arithmetic on the batch size is left to the runtim
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -133,6 +134,35 @@ def _tensor_array(tensor) -> np.ndarray:
     return array
 
 
+# Folding is for shape arithmetic and small constants. Ops whose output can dwarf their inputs
+# are sized before they run: a file of a few bytes must not make packing allocate gigabytes.
+_MAX_FOLDED_ELEMENTS = 1 << 24
+
+
+def _folded_elements(node, constants: dict[str, np.ndarray]) -> int:
+    """An upper bound on the elements of the node's output, for the ops that make large tensors
+    out of small ones (0 for the others)."""
+    ins = [constants[n] if n else None for n in node.input]
+    if node.op_type == "ConstantOfShape":
+        return _product(ins[0])
+    if node.op_type in ("Expand", "Tile"):  # broadcast to a shape, or repeat
+        return ins[0].size * _product(ins[1])
+    if node.op_type == "Range":
+        start, limit, delta = (float(np.ravel(v)[0]) for v in ins[:3])
+        return math.ceil(abs((limit - start) / delta)) if delta else 0
+    return 0
+
+
+def _label(node) -> str:
+    """How errors name a node: its name, or the first output of an unnamed one, and its op."""
+    return f"'{node.name}' ({node.op_type})" if node.name else f"{node.op_type} -> '{node.output[0]}'"
+
+
+def _product(values: np.ndarray) -> int:
+    """Product of the magnitudes, in Python integers (an int64 product could wrap)."""
+    return math.prod(abs(int(v)) for v in np.ravel(values))
+
+
 def _fold_constants(nodes: list, constants: dict[str, np.ndarray], opset: int) -> list:
     """Evaluate every node whose inputs are all constants; return the nodes that remain."""
     from onnx import helper, numpy_helper
@@ -144,14 +174,20 @@ def _fold_constants(nodes: list, constants: dict[str, np.ndarray], opset: int) -
             values = [ReferenceEvaluator(helper.make_graph([node], "fold", [], [helper.make_empty_tensor_value_info(
                 node.output[0])]), verbose=0).run(None, {})[0]]
         elif node.domain in ("", "ai.onnx") and node.input and all(not n or n in constants for n in node.input):
-            graph = helper.make_graph(
-                [node], "fold", [], [helper.make_empty_tensor_value_info(o) for o in node.output if o],
-                initializer=[numpy_helper.from_array(constants[n], n) for n in set(node.input) if n])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
             try:
+                elements = _folded_elements(node, constants)
+                if elements > _MAX_FOLDED_ELEMENTS:
+                    raise ModelError(f"constant node {_label(node)} would make {elements} elements "
+                                     f"(at most {_MAX_FOLDED_ELEMENTS} are folded when packing)")
+                graph = helper.make_graph(
+                    [node], "fold", [], [helper.make_empty_tensor_value_info(o) for o in node.output if o],
+                    initializer=[numpy_helper.from_array(constants[n], n) for n in set(node.input) if n])
+                model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
                 values = ReferenceEvaluator(model).run(None, {})
+            except ModelError:
+                raise
             except Exception as exc:  # the reference evaluator reports bad nodes with its own errors
-                raise ModelError(f"cannot evaluate constant node '{node.name}' ({node.op_type}): "
+                raise ModelError(f"cannot evaluate constant node {_label(node)}: "
                                  f"{_first_line(exc)}") from None
         else:
             remaining.append(node)
