@@ -578,9 +578,11 @@ void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const Q
 // Term offsets for the plan's input width into each chunk's table T[slot][row - first row of
 // the chunk][pixel] (row start plus the tap's shift), reordered so that each chunk's terms are
 // one run per channel: (chunk, tap, segment) instead of the codes' (tap, segment). Cached for
-// the last input shape: layers usually see one shape, and recomputing cost ~5% of LeNet conv2.
+// the last plan: layers usually see one shape, and recomputing cost ~5% of LeNet conv2. The key
+// is what the offsets depend on: the row stride and chunks change with the thread count too (a
+// session running tasks side by side runs each layer on 1 thread, otherwise on all of them).
 std::shared_ptr<const std::vector<int32_t>> EConvLayer::Impl::term_offsets(const ConvPlan& p) const {
-    const std::array<int64_t, 3> key = {p.in.n, p.in.h, p.in.w};
+    const std::array<int64_t, 3> key = {p.ld, p.phase_w, p.chunk_segments};
     std::lock_guard<std::mutex> lock(offsets_mutex);
     if (cached_offsets && cached_key == key) return cached_offsets;
     const int64_t taps = kernel_h * kernel_w;
