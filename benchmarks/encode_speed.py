@@ -1,7 +1,7 @@
 """Joint k-means encoding speed: the paper's LeNet pair and a pair of VGG-16-sized models.
 
 Weights are random (speed does not depend on training). Settings are the paper's ACCU presets
-(DESIGN §3). LeNet: median of several runs; VGG: one run.
+(docs/calibration.md). LeNet: median of several runs; VGG: one run.
 
     python benchmarks/encode_speed.py [--lenet-runs 3] [--skip-vgg] [--threads N]
 """

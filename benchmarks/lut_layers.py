@@ -1,4 +1,4 @@
-"""Per-layer latency of the LUT kernels against ONNX Runtime (DESIGN §5, §7). A script, not a test.
+"""Per-layer latency of the LUT kernels against ONNX Runtime (docs/runtime.md). A script, not a test.
 
 Layers (batch 1): LeNet conv2 (32->64, 5x5, pad 2, 16x16, r8 C128), VGG 3x3 56x56x128->128 and
 28x28x256->256 (r16 C256), FC 4096->1024 (r8 C128). Weights are random codes into a Gaussian

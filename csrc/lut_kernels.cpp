@@ -1,4 +1,4 @@
-// Exact fp32 reference lookup-table kernels; see include/neuralmerge/lut_kernels.h and DESIGN §2.
+// Exact fp32 reference lookup-table kernels; see include/neuralmerge/lut_kernels.h and docs/format.md.
 //
 // Table layout is T[v][c][padded pixel] for conv (the fast kernels build on it: every term of
 // the output sum is then a contiguous run at a constant offset) and T[m][v][c] for fc.

@@ -65,7 +65,8 @@ def main() -> int:
         error = max(float(np.abs(got[n] - want[n]).max() / max(np.abs(want[n]).max(), 1e-12)) for n in names)
         agree = np.mean([np.array_equal(got[n].argmax(-1), want[n].argmax(-1)) for n in names])
         ms = median_ms(lambda: session.run(feeds), args.repeat)
-        kernels = sorted({line.split()[-1] for line in session.kernels()})  # "node: EConv int8-avx512"
+        # Lines read "node: EConv int8-avx512", with " + Relu" when a ReLU is folded into the layer.
+        kernels = sorted({line.split(": ", 1)[1].split()[1] for line in session.kernels()})
         print(f"neuralmerge {lut}: {ms:.3f} ms per call, largest relative difference to onnxruntime "
               f"{error:.1e}, same top-1 on {100 * agree:.0f}% of the outputs (kernels {', '.join(kernels)})")
 

@@ -1,4 +1,4 @@
-// EConvLayer: the fast E-Conv (DESIGN §5).
+// EConvLayer: the fast E-Conv (docs/runtime.md, "Kernels and where the time goes").
 //
 // Strided convolution is turned into stride 1 by splitting the zero-padded input into
 // stride_h x stride_w phase planes (phase (a, b) holds padded pixels (i*sh + a, j*sw + b)).

@@ -1,4 +1,4 @@
-// EGemmLayer: the fast E-FC (DESIGN §5). At batch 1 an FC layer is memory-bound, so the layer
+// EGemmLayer: the fast E-FC (docs/runtime.md). At batch 1 an FC layer is memory-bound, so the layer
 // keeps only uint8/uint16 codes (in [block of 64 outputs][segment][64] order, streamed once) and
 // a transposed codebook ([segment][k][c]); per input row it builds the table T[v][c] and sums
 // T[v][code] over segments. fp16/int16 store the codebook as fp16 (half the bytes), int8 as int8

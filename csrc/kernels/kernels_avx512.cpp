@@ -579,7 +579,7 @@ void conv_table_u8s8_quads(const int8_t* codebook, int64_t rows, int64_t r4, con
     }
 }
 
-// DESIGN §5: with 8-bit operands one vpdpbusd does the work of four fp32 FMAs, which cuts
+// With 8-bit operands one vpdpbusd does the work of four fp32 FMAs, which cuts
 // the int8 table build (half of an int8 layer's time with the fp32 build) ~3x.
 void conv_table_u8s8(const int8_t* codebook, int64_t rows, int64_t r4, const uint8_t* x, int64_t x_stride, int64_t ld,
                      int64_t pixels, const int32_t* correction, float requant, uint8_t* out) {

@@ -134,7 +134,7 @@ def teacher_logits(teachers: Sequence[Teacher], x: np.ndarray | Sequence[np.ndar
         if cache_dir is not None and teacher.cache_key:
             if id(x) not in hashes:
                 hashes[id(x)] = data_fingerprint(x)
-            path = _cache_file(Path(cache_dir), teacher, hashes[id(x)])
+            path = _cache_file(Path(cache_dir).expanduser(), teacher, hashes[id(x)])
         if path is not None and path.is_file():
             try:
                 logits = np.load(path)

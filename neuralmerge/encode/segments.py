@@ -1,6 +1,6 @@
 """Split canonical weights into 1×1×r segment vectors and decode them back (pure numpy).
 
-DESIGN §2: ``w[t, i0, j0, v] = W[t, v*r:(v+1)*r, i0, j0]``; the last segment is zero-padded.
+docs/format.md: ``w[t, i0, j0, v] = W[t, v*r:(v+1)*r, i0, j0]``; the last segment is zero-padded.
 Conv weights ``[p, d, kh, kw]`` become ``[p, kh, kw, rho, r]``; fc weights ``[n_out, d]`` become
 ``[n_out, rho, r]``. Codes have the same shape without the trailing ``r``.
 """

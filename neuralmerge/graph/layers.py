@@ -1,7 +1,7 @@
 """Mergeable layers of a normalised ONNX graph.
 
 A mergeable layer is a 2-D Conv or a Gemm/MatMul whose weight is a constant initializer.
-Weights are returned in the canonical layouts of DESIGN §2: conv ``[p, d, kh, kw]`` (OIHW),
+Weights are returned in the canonical layouts of docs/format.md: conv ``[p, d, kh, kw]`` (OIHW),
 fc ``[n_out, n_in]`` (Gemm ``alpha``/``transB`` and MatMul's ``[n_in, n_out]`` undone).
 """
 from __future__ import annotations

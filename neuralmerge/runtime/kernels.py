@@ -2,7 +2,7 @@
 
 Arrays follow docs/format.md (``EConv`` / ``EGemm`` inputs). :func:`econv` / :func:`egemm` are
 the exact fp32 reference kernels; :class:`EConv` / :class:`EGemm` are prepared layers on the fast
-kernels (DESIGN §5), with a table precision (``lut``) and an instruction set chosen at
+kernels (docs/runtime.md, "Kernels and where the time goes"), with a table precision (``lut``) and an instruction set chosen at
 construction. This module converts dtypes and layouts once, allocates outputs with ``np.empty``
 and hands everything to C++, which checks shapes, offsets and every code.
 """

@@ -1,4 +1,4 @@
-// Exact fp32 lookup-table kernels for jointly encoded layers (DESIGN §2 "Inference").
+// Exact fp32 lookup-table kernels for jointly encoded layers (docs/format.md).
 //
 // An encoded layer stores no dense weight: each 1x1xr slice of a kernel is an index into a
 // codebook. A layer is computed by first building a table of dot products between the input
@@ -77,7 +77,7 @@ void econv(const float* x, const Shape4& input, const EncodedWeight& weight, con
 void egemm(const float* x, int64_t rows, const EncodedWeight& weight, float* y);
 
 // ---------------------------------------------------------------------------------------------
-// Prepared fast layers (DESIGN §5). A layer is built once at load: it validates codes, offsets
+// Prepared fast layers (docs/runtime.md). A layer is built once at load: it validates codes, offsets
 // and shapes once, owns copies of everything it needs (in kernel-friendly layouts), and picks
 // a kernel for the CPU it runs on. run() is const and thread-safe.
 
