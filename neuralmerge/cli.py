@@ -6,11 +6,12 @@ exception is reported the same way (``internal error``) unless ``-v`` asks for t
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
 from . import __version__
-from .cli_support import user_errors
+from .cli_support import SEED, user_errors
 from .errors import ConfigError
 
 
@@ -52,7 +53,27 @@ def _add_options(options):
     return decorator
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """Usage errors (a bad option value, a missing argument) as one line too, ``error: ...``,
+    with click's exit status 2; click would print the usage and a hint over four lines."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            status = super().main(args, prog_name, complete_var, False, **extra)
+        except click.ClickException as exc:
+            where = f"{exc.ctx.command_path}: " if getattr(exc, "ctx", None) is not None else ""
+            hint = f" (see {exc.ctx.command_path} --help)" if isinstance(exc, click.UsageError) and exc.ctx else ""
+            click.echo(f"error: {where}{exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(status if isinstance(status, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="neuralmerge")
 def main():
     """Merge several trained CNNs (ONNX) into one compact model for CPU devices."""
@@ -65,7 +86,7 @@ def main():
 @click.option("--codebook-dtype", type=click.Choice(["float32", "float16"]), default=None,
               help="Storage type of the codebooks (default float32).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Write a JSON report here.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for k-means and fidelity inputs.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for k-means and fidelity inputs.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @click.option("--quiet", is_flag=True, help="No progress bars or summary.")
 @click.option("--calib", "calib", multiple=True, type=click.Path(),
@@ -123,7 +144,7 @@ def inspect(models, preset, r, codewords, config, compress_heads, input_shapes, 
 @click.option("--out", "out_dir", default="neuralmerge-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the trained models, the merged model and the reports.")
 @click.option("--preset", type=click.Choice(["accu", "light"]), default="accu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
 def demo(out_dir, preset, seed, quiet):
@@ -131,7 +152,8 @@ def demo(out_dir, preset, seed, quiet):
     from .demo import format_demo, run_demo
 
     click.echo(format_demo(run_demo(out_dir, preset=preset, seed=seed, quiet=quiet)))
-    click.echo(f"files in {out_dir}/: digits.onnx, sound20.onnx, merged.onnx, report.json, demo.md")
+    click.echo(f"files in {out_dir}/: digits.onnx, sound20.onnx (and their *_calib.npy), merged.onnx, "
+               "report.json (.md, *.png), demo.json, demo.md")
 
 
 def plan_to_dict(p) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import sys
 
 import click
@@ -50,3 +51,17 @@ def user_errors(fn):
     if wants_verbose:  # click must not see 'verbose' twice: the wrapper's option supplies it
         wrapper.__signature__ = inspect.signature(fn)
     return click.option("-v", "--verbose", is_flag=True, help="Show details and tracebacks.")(wrapper)
+
+
+class FiniteFloat(click.FloatRange):
+    """``click.FloatRange`` that also refuses NaN and infinities (NaN passes every range comparison)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+POSITIVE = FiniteFloat(min=0.0, min_open=True)
+SEED = click.IntRange(min=0)

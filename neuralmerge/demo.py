@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import torch
 
+from .errors import ConfigError
 from .fidelity import ort_session, run_merged_model
 from .io.onnx_files import write_bytes_atomic
 from .pipeline import merge
@@ -33,7 +34,12 @@ def run_demo(out_dir: str | Path = "neuralmerge-demo", *, preset: str = "accu", 
              quiet: bool = False, force: bool = False, calib_epochs: int = 2) -> dict:
     """Run the demo; write models, the merged model and reports into ``out_dir``; return the summary."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {seed}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the demo folder {out}: {exc.strerror}") from None
     start = time.perf_counter()
     sources, data = [], []
     for name, make, epochs, in_name, out_name in TASKS:

@@ -5,15 +5,23 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .errors import NeuralMergeError
 from .graph.normalize import TensorSpec, input_specs
 from .io.onnx_files import ort_session
 
 
-def random_inputs(specs: list[TensorSpec], samples: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Standard-normal float inputs (zeros for integer inputs); a dynamic batch becomes ``samples``."""
+def random_inputs(specs: list[TensorSpec], samples: int, rng: np.random.Generator,
+                  pinned: list[TensorSpec] | None = None) -> dict[str, np.ndarray]:
+    """Standard-normal float inputs (zeros for integer inputs) shaped as ``pinned`` says where given
+    (the inputs with ``--input-shape`` applied, which the merged model takes); a dynamic batch
+    becomes ``samples``."""
+    pinned_shapes = {spec.name: spec.shape for spec in pinned or []}
     feeds = {}
     for spec in specs:
-        shape = tuple(samples if (k == 0 and d is None) else d for k, d in enumerate(spec.shape))
+        shape = tuple(samples if (k == 0 and d is None) else d
+                      for k, d in enumerate(pinned_shapes.get(spec.name, spec.shape)))
+        if None in shape:
+            raise NeuralMergeError(f"input '{spec.name}' has a dynamic dimension: pin it with --input-shape")
         if np.issubdtype(spec.dtype, np.floating):
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         else:
@@ -36,14 +44,17 @@ def compare_outputs(reference: np.ndarray, merged: np.ndarray) -> dict:
 
 
 def measure_fidelity(originals: list[onnx.ModelProto], merged: onnx.ModelProto, names: list[dict[str, str]], *,
-                     samples: int = 16, seed: int = 0, inputs: list[dict[str, np.ndarray]] | None = None) -> list[dict]:
+                     samples: int = 16, seed: int = 0, inputs: list[dict[str, np.ndarray]] | None = None,
+                     pinned: list[list[TensorSpec]] | None = None) -> list[dict]:
     """Run each original and the merged model on the same inputs; per model, aggregate over its outputs.
 
     ``names[i]`` maps model i's original input/output names to their names in the merged graph.
-    ``inputs[i]`` (optional) gives model i's feeds by original input name; otherwise random inputs.
+    ``inputs[i]`` (optional) gives model i's feeds by original input name; otherwise random inputs,
+    sized by ``pinned[i]`` (the inputs with ``--input-shape`` applied) where the original's are dynamic.
     """
     rng = np.random.default_rng(seed)
-    feeds = [inputs[i] if inputs else random_inputs(input_specs(m), samples, rng) for i, m in enumerate(originals)]
+    feeds = [inputs[i] if inputs else random_inputs(input_specs(m), samples, rng, pinned[i] if pinned else None)
+             for i, m in enumerate(originals)]
     merged_feeds = {names[i][k]: v for i, f in enumerate(feeds) for k, v in f.items()}
     merged_sess = ort_session(merged)
     merged_out = dict(zip([o.name for o in merged_sess.get_outputs()], merged_sess.run(None, merged_feeds)))

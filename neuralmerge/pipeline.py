@@ -30,8 +30,8 @@ from .fidelity import measure_fidelity
 from .graph.importer import check_supported
 from .graph.layers import Layer, find_layers
 from .graph.normalize import default_opset, graph_inputs, input_specs, normalize, output_specs
-from .io.onnx_files import check_output_path, load_model, save_model_atomic, write_bytes_atomic
-from .report_files import write_report_files
+from .io.onnx_files import check_output_paths, load_model, save_model_atomic, write_bytes_atomic
+from .report_files import companion_paths, write_report_files
 from .settings import CalibrationSettings, GroupSetting, MergeConfig, make_config
 
 @dataclass
@@ -133,9 +133,8 @@ def merge(models: list, output: str | os.PathLike | None = None, *, config=None,
     every process trains its share and only rank 0 writes (other ranks get ``report = None``).
     """
     group = distributed.current()
-    for path in (output, report):
-        if path is not None:
-            check_output_path(path, force=force)
+    sources = [path for path in [*models, *(calib or [])] if isinstance(path, (str, os.PathLike))]
+    check_output_paths([output, report], sources, force=force)
     start = time.perf_counter()
     p = plan(models, config=config, preset=preset, r=r, codewords=codewords, codebook_dtype=codebook_dtype,
              compress_heads=compress_heads, input_shapes=input_shapes)
@@ -146,6 +145,8 @@ def merge(models: list, output: str | os.PathLike | None = None, *, config=None,
                           "(--calib, once per model)")
     if budget is not None and (isinstance(budget, bool) or not 0 < budget <= 100):
         raise ConfigError(f"--budget must be a percentage in (0, 100], got {budget}")
+    if data is not None and report is not None:  # a calibrated merge also writes the report's .md and plots
+        check_output_paths([output, report, *companion_paths(report).values()], sources, force=force)
     checkpoint = None
     if data is not None:
         checkpoint = _checkpoint(p, data, cal, budget, seed, input_shapes, output, checkpoint_dir, group)
@@ -171,7 +172,7 @@ def merge(models: list, output: str | os.PathLike | None = None, *, config=None,
         if fidelity_inputs is None and data is not None:
             fidelity_inputs = [{d.input_name: d.x[m.holdout[:FIDELITY_MAX]]} for d, m in zip(data, calibrator.models)]
         fidelity = measure_fidelity(p.originals, merged, p.names, samples=fidelity_samples, seed=seed,
-                                    inputs=fidelity_inputs)
+                                    inputs=fidelity_inputs, pinned=[input_specs(m) for m in p.models])
         out_bytes = merged.ByteSize()
         if output is not None:
             out_bytes = save_model_atomic(merged, output, force=force)

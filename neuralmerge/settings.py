@@ -5,6 +5,7 @@ Precedence for each group: ``layers.<group>`` in the config > ``--r`` / ``--code
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,7 +84,7 @@ class MergeConfig:
 
 @dataclass
 class CalibrationSettings:
-    """How calibration trains (DESIGN §3); every field can come from the YAML ``calibration:`` section or a flag."""
+    """How calibration trains (docs/calibration.md); every field can come from the YAML ``calibration:`` section or a flag."""
     data: list = field(default_factory=list)   # one --calib path per model, in model order
     epochs: int = 5
     batch_size: int = 64
@@ -131,6 +132,8 @@ def _check_calibration_value(key: str, value, where: str):
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise ConfigError(f"{where} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not math.isfinite(value):  # NaN passes every comparison below
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     too_low = value < low if inclusive else value <= low
     if too_low or (high is not None and value > high):
         bound = f"in ({low}, {high}]" if high is not None else f"{'>=' if inclusive else '>'} {low}"
@@ -219,9 +222,11 @@ def load_config_mapping(config: str | Path | dict, allowed: set[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from exc
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file") from None
         data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the config must be a mapping")

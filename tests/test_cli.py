@@ -146,3 +146,72 @@ def test_verbose_shows_traceback(pair, tmp_path):
     a, _ = pair
     proc = cli("merge", a, tmp_path / "missing.onnx", "-o", tmp_path / "o.onnx", "-v")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--seed", "-1"], "neuralmerge merge: Invalid value for '--seed'"),
+    (["--calib", "x.npy", "--lr", "nan"], "--lr must be a finite number"),
+    (["--bogus"], "No such option '--bogus'"),
+])
+def test_usage_errors_are_one_line_too(args, fragment, pair, tmp_path):
+    # click's own errors (bad option values, unknown options) keep its exit status 2 but come as
+    # one line; NaN never passes a range check.
+    a, b = pair
+    out = tmp_path / "out.onnx"
+    np.save(tmp_path / "x.npy", np.zeros((4, 3, 40, 40), np.float32))
+    proc = cli("merge", a, b, "-o", out, *args, cwd=tmp_path)
+    assert_one_line_error(proc, fragment)
+    assert not out.exists() and not (tmp_path / "out.onnx.ckpt").exists()
+
+
+def test_outputs_never_overwrite_inputs_or_each_other(pair, tmp_path):
+    a, b = pair
+    before = a.read_bytes()
+    assert_one_line_error(cli("merge", a, b, "-o", a, "--force"), "would overwrite the input")
+    assert_one_line_error(cli("merge", a, b, "-o", tmp_path / "m.onnx", "--report", tmp_path / "m.onnx"),
+                          "two outputs name the same file")
+    assert_one_line_error(cli("pack", a, "-o", a, "--force"), "would overwrite the input")
+    assert_one_line_error(cli("run", a, "--input", f"image={tmp_path / 'x.npy'}", "-o", a, "--force"),
+                          "would overwrite the input")
+    assert a.read_bytes() == before and not (tmp_path / "m.onnx").exists()
+
+
+def test_unwritable_output_folder_fails_before_any_work(pair, tmp_path):
+    a, b = pair
+    assert_one_line_error(cli("merge", a, b, "-o", "/proc/out.onnx"), "cannot write to folder /proc")
+    assert_one_line_error(cli("merge", a, b, "-o", ""), "an output path is empty")
+
+
+def test_outputs_get_the_usual_file_mode(pair, tmp_path):
+    # mkstemp makes 0600 files; outputs follow the umask like any other program's.
+    a, b = pair
+    out = tmp_path / "merged.onnx"
+    assert cli("merge", a, b, "-o", out, "--preset", "light", "--quiet").returncode == 0
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_pinned_dynamic_height_and_width_merge(tmp_path):
+    # --input-shape pins H and W the file leaves free; fidelity is measured at the pinned shape.
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])], "dyn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "H", "W"])],
+        [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal((4, 8, 3, 3)).astype(np.float32), "w2")])
+    source = tmp_path / "dyn.onnx"
+    _write(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    out = tmp_path / "out.onnx"
+    assert_one_line_error(cli("merge", source, "-o", out), "--input-shape")
+    proc = cli("merge", source, "-o", out, "--input-shape", "x=1x3x8x8", "--report", tmp_path / "r.json", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["fidelity"][0]["samples"] == 1
+
+
+def test_demo_refuses_a_folder_below_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    assert_one_line_error(cli("demo", "--out", tmp_path / "file" / "sub"), "cannot create the demo folder")

@@ -280,6 +280,13 @@ def test_compose_rejects_bad_api_input():
         compose([three, three], [["a", "b", "c"]], x, epochs=1, progress=False)
     with pytest.raises(CompositionError, match="does not apply with --backprop"):
         compose([three], [["a", "b", "c"]], x, backprop=True, balance=True, progress=False)
+    # NaN passes every range comparison: each number is checked for it
+    for options, words in [({"lr": float("nan")}, "--lr must be a positive number"),
+                           ({"batch_size": 0}, "--batch-size must be >= 1"),
+                           ({"temperature": float("nan")}, "--temperature must be > 0"),
+                           ({"labeled": (np.full((2, 1, 8, 8), np.nan, np.float32), [0, 1])}, "labeled x must be finite")]:
+        with pytest.raises(CompositionError, match=words):
+            compose([three], [["a", "b", "c"]], x, epochs=1, progress=False, **options)
 
 
 # ------------------------------------------------------------------------------ end to end on real digits

@@ -254,6 +254,8 @@ def assert_one_line_error(result, *fragments: str) -> None:
         ("duplicate_category_ids", ["t1_cats.json", "duplicate category id 1"]),
         ("conflicting_names", ["category id 1", "t0.json", "t2.json"]),
         ("output_exists", ["pseudo.json", "--force"]),
+        ("huge_box", ["t0.json", "too large for 64-bit floats"]),
+        ("output_is_an_input", ["would overwrite the input", "t0.json"]),
     ],
 )
 def test_cli_bad_input_is_one_line_error_and_writes_nothing(tmp_path, case, fragments):
@@ -276,11 +278,30 @@ def test_cli_bad_input_is_one_line_error_and_writes_nothing(tmp_path, case, frag
         write(Path(cats[2]), [{"id": 1, "name": "pedestrian"}, {"id": 3, "name": "dog"}])
     elif case == "output_exists":
         out.write_text("keep me")
+    elif case == "huge_box":
+        write(Path(dets[0]), first + [det(1, PERSON, [1e308, 0, 1e308, 5], 0.5)])
+    elif case == "output_is_an_input":
+        out = Path(dets[0])
     args = dets + [a for c in cats for a in ("--categories", c)] + ["-o", str(out)]
-    result = run_failing(args)
+    result = run_failing(args + (["--force"] if case == "output_is_an_input" else []))
     assert_one_line_error(result, *fragments)
-    assert (out.read_text() == "keep me") if case == "output_exists" else not out.exists()
+    if case == "output_exists":
+        assert out.read_text() == "keep me"
+    elif case == "output_is_an_input":
+        assert json.loads(out.read_text()) == first
+    else:
+        assert not out.exists()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("option, value", [("--score-threshold", "nan"), ("--score-threshold", "2"),
+                                           ("--sigma", "nan"), ("--iou", "inf")])
+def test_cli_refuses_numbers_out_of_range_or_not_finite(tmp_path, option, value):
+    dets, cats = teacher_files(tmp_path)
+    args = dets + [a for c in cats for a in ("--categories", c)] + ["-o", str(tmp_path / "out.json"), option, value]
+    result = CliRunner().invoke(aggregate_command, args)
+    assert result.exit_code == 2 and option in result.output, result.output
+    assert not (tmp_path / "out.json").exists()
 
 
 def test_bad_input_raises_neuralmerge_error_from_the_library(tmp_path):

@@ -151,6 +151,10 @@ def test_onnx_path_and_nmpack_path_agree(merged, tmp_path):
     ({"m0.input": np.zeros((1, 1, 16, 17), np.float32)}, "shape"),
     ({"m0.input": np.zeros((0, 1, 16, 16), np.float32)}, "empty"),
     ({"m0.input": [[1.0]]}, "numpy array"),
+    # max-pooling and the fused ReLUs would turn these into a plausible answer
+    ({"m0.input": np.full((1, 1, 16, 16), np.nan, np.float32)}, "NaN or infinite"),
+    ({"m0.input": np.pad(np.full((1, 1, 1, 1), -np.inf, np.float32), ((0, 0), (0, 0), (7, 8), (3, 12)))},
+     "NaN or infinite"),
 ])
 def test_bad_feeds(merged, feeds, words):
     session = Session(pack_model(merged["lenet_pair"]))
@@ -164,6 +168,42 @@ def test_missing_feed_and_unknown_output(merged):
         session.run({"m0.input": np.zeros((1, 1, 16, 16), np.float32)})
     with pytest.raises(FeedError, match="unknown output 'm2.logits'"):
         session.run({"m0.input": np.zeros((1, 1, 16, 16), np.float32)}, outputs=["m2.logits"])
+
+
+@pytest.mark.parametrize("outputs", [[], [None], [0]])
+def test_outputs_must_be_output_names(merged, outputs):
+    session = Session(pack_model(merged["lenet_pair"]))
+    with pytest.raises(FeedError, match="outputs must be a non-empty list of output names"):
+        session.run({"m0.input": np.zeros((1, 1, 16, 16), np.float32)}, outputs=outputs)
+    with pytest.raises(FeedError, match="output must be an output name"):
+        session.inputs_needed(None)
+
+
+def test_model_paths_that_are_not_model_files(merged, tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    (tmp_path / "m.nmpack").write_bytes(pack_model(merged["lenet_pair"]))
+    for path, words in [(tmp_path / "empty.onnx", "is empty"), (tmp_path, "is a directory"), ("", "empty path"),
+                        (tmp_path / "nope.onnx", "no such model file")]:
+        with pytest.raises(ModelError, match=words):
+            Session(path)
+    with pytest.raises(ModelError, match="is already a .nmpack file"):
+        pack_model(tmp_path / "m.nmpack")
+
+
+def test_cli_run_writes_outputs_whatever_their_names(tmp_path):
+    # np.savez(f, **outputs) took an output named 'file' or 'allow_pickle' for its own arguments.
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["file"]), helper.make_node("Neg", ["x"], ["allow_pickle"])],
+                              "names", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in ("file", "allow_pickle")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)
+    np.save(tmp_path / "x.npy", x)
+    result = CliRunner().invoke(run_cmd, [str(tmp_path / "m.onnx"), "--input", f"x={tmp_path / 'x.npy'}",
+                                          "-o", str(tmp_path / "out.npz")])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "out.npz") as out:
+        np.testing.assert_array_equal(out["file"], np.maximum(x, 0))
+        np.testing.assert_array_equal(out["allow_pickle"], -x)
 
 
 def test_non_contiguous_feed_is_accepted(merged):
@@ -466,7 +506,17 @@ def test_cli_bench_against_the_originals(merged, lenet_sources, tmp_path):
     result = CliRunner().invoke(bench_cmd, [str(tmp_path / "missing.nmpack")])
     assert result.exit_code == 1 and result.output == f"error: no such model file: {tmp_path / 'missing.nmpack'}\n"
     result = CliRunner().invoke(bench_cmd, [str(tmp_path / "m.onnx"), "--baseline", str(tmp_path / "missing.onnx")])
-    assert result.exit_code == 1 and result.output == f"error: no such ONNX file: {tmp_path / 'missing.onnx'}\n"
+    assert result.exit_code == 1 and result.output == f"error: no such model file: {tmp_path / 'missing.onnx'}\n"
+    # A baseline that is not one of the merged models, and a model whose H and W are free.
+    for name, shape in [("other", [1, 3, 8, 8]), ("free", ["N", 3, "H", "W"])]:
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], name,
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / f"{name}.onnx")
+    result = CliRunner().invoke(bench_cmd, [str(tmp_path / "m.onnx"), "--baseline", str(tmp_path / "other.onnx")])
+    assert result.exit_code == 1 and "which no input of the merged model has" in result.output, result.output
+    result = CliRunner().invoke(bench_cmd, [str(tmp_path / "free.onnx")])
+    assert result.exit_code == 1 and "has free dimensions" in result.output and "--input-shape" in result.output
 
     # A packed model, no baselines: runtime times only, no ratios.
     (tmp_path / "m.nmpack").write_bytes(pack_model(merged["lenet_pair"]))

@@ -364,6 +364,15 @@ class SessionImpl {
             }
         }
         if (!view.data) throw InputError(where + " has no data");
+        // A NaN or infinity would come out as a plausible answer (max-pooling and the fused ReLUs
+        // map NaN to 0): refuse it. An exponent of all ones marks both; integer ops vectorise.
+        uint32_t non_finite = 0;
+        for (int64_t i = 0; i < count; ++i) {
+            uint32_t bits;
+            std::memcpy(&bits, view.data + i, sizeof bits);
+            non_finite |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+        }
+        if (non_finite) throw InputError(where + " holds NaN or infinite values");
     }
 
     int add_value(const std::string& name) {

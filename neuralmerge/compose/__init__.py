@@ -8,6 +8,7 @@ pieces live in ``teachers``, ``labels`` and ``student``, multi-label (sigmoid) t
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
@@ -152,16 +153,16 @@ def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled
     from neuralmerge.compose.teachers import as_teacher, teacher_logits
 
     if output is not None:
-        from neuralmerge.io.onnx_files import check_output_path
+        from neuralmerge.io.onnx_files import check_output_paths
 
-        check_output_path(output, force=force)
+        check_output_paths([output], [t for t in teachers if isinstance(t, (str, os.PathLike))], force=force)
     method = _check_multi_label(multi_label, len(teachers), method, tasks, backprop, balance, labeled)
     is_multi_label = bool(multi_label)
     if backprop and method not in pseudo.BACKPROP_METHODS:
         raise CompositionError(f"--backprop works with --method {', '.join(pseudo.BACKPROP_METHODS)}, not '{method}'")
     if backprop and balance:
         raise CompositionError("--balance weights estimated soft labels; it does not apply with --backprop")
-    if feature_transfer and transfer_weight <= 0:
+    if feature_transfer and not 0 < transfer_weight < math.inf:  # NaN too
         raise CompositionError(f"--transfer-weight must be > 0, got {transfer_weight}")
     if transfer_pairs is not None and not feature_transfer:
         raise CompositionError("--transfer-pair needs --feature-transfer")
@@ -187,6 +188,8 @@ def compose(teachers: Sequence[Any], classes: Sequence[Sequence[str]], unlabeled
         if labeled_x.shape[1:] != input_shape or len(labeled_x) != len(labeled_y) or not len(labeled_x):
             raise CompositionError(f"labeled data must be x {['N', *input_shape]} with one label per sample, got "
                                    f"x {list(labeled_x.shape)} and {len(labeled_y)} labels")
+        if not np.isfinite(labeled_x).all():
+            raise CompositionError("labeled x must be finite numbers")
     model = students.build_student(student, union, input_shape, seed)
     bridges = None
     if feature_transfer:  # pair blocks now, so a teacher that pairs with nothing fails before the teachers run

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from neuralmerge.compose import CompositionError
-from neuralmerge.cli_support import user_errors
+from neuralmerge.cli_support import POSITIVE, SEED, user_errors
 
 _METHODS = ("vote", "sd", "ce", "mf-p", "mf-lu", "mf-lf")  # = labels.METHODS, kept here so --help stays light
 _STRATEGIES = ("unanimous", "consensus", "affirmative")
@@ -51,7 +51,7 @@ def read_class_file(path: str) -> list[str]:
               help="--method vote: keep a sample when all / at least half / any of the teachers knowing its class agree.")
 @click.option("--tau", type=float, default=None,
               help="Entropy filter: ignore a teacher's prediction whose normalised entropy (0..1) exceeds this.")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature of teacher logits.")
+@click.option("--temperature", type=POSITIVE, default=1.0, show_default=True, help="Softmax temperature of teacher logits.")
 @click.option("--balance", is_flag=True, help="Weight classes by the inverse mean soft label (UHC's BS).")
 @click.option("--select", type=click.Choice(["none", "least-entropy"]), default="none", show_default=True,
               help="least-entropy: learn each sample from the most certain teacher that knows its class.")
@@ -62,27 +62,27 @@ def read_class_file(path: str) -> list[str]:
 @click.option("--feature-transfer", is_flag=True,
               help="Also learn the teachers' block features through 1x1 transfer bridges (AKA); ONNX teachers are "
                    "imported as white boxes, blocks paired by spatial size.")
-@click.option("--transfer-weight", type=float, default=0.1, show_default=True,
+@click.option("--transfer-weight", type=POSITIVE, default=0.1, show_default=True,
               help="Weight of the feature-transfer loss (bridge MSE + weight-norm regulariser).")
 @click.option("--transfer-pair", "transfer_pairs", multiple=True, metavar="POSITION:STUDENT=TEACHER",
               help="Pair these blocks instead of pairing by spatial size: teacher position, student block name, "
                    "teacher tensor name (as the report's feature_transfer lists them); repeatable.")
 @click.option("--backprop", is_flag=True, help="Train through the UHC loss of --method directly (the -BP variants).")
 @click.option("--hard", is_flag=True, help="Train with cross-entropy to the labels' argmax instead of KL to soft labels.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--lr", type=POSITIVE, default=1e-3, show_default=True)
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
               help="Held-out share of the pseudo-labelled samples used to pick the best epoch.")
 @click.option("--labeled", type=click.Path(dir_okay=False),
               help=".npz with x and y (class names or indices into the output class list): fine-tune afterwards.")
-@click.option("--finetune-epochs", type=int, default=5, show_default=True)
-@click.option("--finetune-lr", type=float, default=1e-4, show_default=True)
+@click.option("--finetune-epochs", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--finetune-lr", type=POSITIVE, default=1e-4, show_default=True)
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Where teacher outputs are cached [default: $XDG_CACHE_HOME/neuralmerge/teachers].")
 @click.option("--no-cache", is_flag=True, help="Always run the teachers; store nothing.")
-@click.option("--threads", type=int, default=0, show_default=True, help="torch / onnxruntime threads (0 = their default).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True, help="torch / onnxruntime threads (0 = their default).")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Student ONNX file to write.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write settings, label stats and training history as JSON.")
 @click.option("--force", is_flag=True, help="Overwrite existing output/report files.")
@@ -109,11 +109,10 @@ def _run(teacher_paths: tuple[str, ...], class_files: tuple[str, ...], unlabeled
          finetune_lr: float, cache_dir: str | None, no_cache: bool, threads: int, seed: int, output: str,
          report_path: str | None, force: bool, quiet: bool, verbose: bool) -> None:
     # Check every input before the slow parts, and write nothing until everything has succeeded.
-    from neuralmerge.io.onnx_files import check_output_path, write_bytes_atomic
+    from neuralmerge.io.onnx_files import check_output_paths, write_bytes_atomic
 
-    for path in (output, report_path):
-        if path:
-            check_output_path(path, force=force)
+    check_output_paths([output, report_path], [*teacher_paths, *class_files, unlabeled, labeled, config_path],
+                       force=force)
     if len(class_files) != len(teacher_paths):
         raise CompositionError(f"got {len(teacher_paths)} teachers but {len(class_files)} --classes files")
     classes = [read_class_file(path) for path in class_files]

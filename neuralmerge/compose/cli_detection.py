@@ -1,14 +1,11 @@
 """``neuralmerge aggregate-detections``: teachers' COCO results -> one set of detection pseudo-labels."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from neuralmerge.compose.detection import (
     SOFT_NMS_METHODS,
     STRATEGIES,
-    DetectionInputError,
     aggregate_detections as run_aggregation,
     evaluate_map,
     load_ground_truth,
@@ -17,7 +14,8 @@ from neuralmerge.compose.detection import (
     to_annotations_file,
     write_json_atomic,
 )
-from neuralmerge.cli_support import user_errors
+from neuralmerge.cli_support import POSITIVE, FiniteFloat, user_errors
+from neuralmerge.io.onnx_files import check_output_paths
 
 
 @click.argument("detections", nargs=-1, required=True, type=click.Path(dir_okay=False))
@@ -25,12 +23,12 @@ from neuralmerge.cli_support import user_errors
               help="Categories one teacher knows (list of {id, name} or a COCO file); once per detection file, same order.")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="consensus", show_default=True,
               help="Keep a group when all (unanimous), at least half (consensus) or any (affirmative) of the teachers that know its class detected it.")
-@click.option("--iou", "iou_threshold", type=float, default=0.5, show_default=True,
+@click.option("--iou", "iou_threshold", type=FiniteFloat(0.0, 1.0, max_open=True), default=0.5, show_default=True,
               help="Boxes of one category with IoU above this are the same object; also the linear Soft-NMS threshold.")
 @click.option("--soft-nms", "soft_nms_method", type=click.Choice(SOFT_NMS_METHODS), default="gaussian", show_default=True,
               help="Soft-NMS applied inside each kept group.")
-@click.option("--sigma", type=float, default=0.5, show_default=True, help="Gaussian Soft-NMS sigma.")
-@click.option("--score-threshold", type=float, default=0.001, show_default=True,
+@click.option("--sigma", type=POSITIVE, default=0.5, show_default=True, help="Gaussian Soft-NMS sigma.")
+@click.option("--score-threshold", type=FiniteFloat(0.0, 1.0), default=0.001, show_default=True,
               help="Drop teacher detections below this score, and pseudo-labels whose Soft-NMS score falls below it.")
 @click.option("--images", "images_path", type=click.Path(dir_okay=False),
               help="COCO file listing the unlabeled images (default: every image id the teachers report).")
@@ -72,9 +70,7 @@ def _aggregate_detections(
 def _run(detections, categories, strategy, iou_threshold, soft_nms_method, sigma, score_threshold,
          images_path, ground_truth_path, output, output_format, report_path, force, quiet, verbose) -> None:
     # Refuse to overwrite before doing any work, and load every input before writing anything.
-    for path in (output, report_path):
-        if path and Path(path).exists() and not force:
-            raise DetectionInputError(f"{path}: already exists (use --force to overwrite)")
+    check_output_paths([output, report_path], [*detections, *categories, images_path, ground_truth_path], force=force)
     teachers = load_teachers(detections, categories)
     images = load_images(images_path) if images_path else None
     ground_truth = load_ground_truth(ground_truth_path) if ground_truth_path else None

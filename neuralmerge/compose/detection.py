@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
@@ -179,7 +178,7 @@ def aggregate_detections(
         raise DetectionInputError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
     if not 0.0 <= iou_threshold < 1.0:
         raise DetectionInputError(f"IoU threshold {iou_threshold} must be in [0, 1)")
-    if sigma <= 0:
+    if not 0 < sigma < math.inf:  # NaN too
         raise DetectionInputError(f"Soft-NMS sigma {sigma} must be positive")
     categories = merge_category_lists(teachers)
     eligible = {cid: sum(cid in t.categories for t in teachers) for cid in categories}
@@ -341,6 +340,8 @@ def parse_detections(data: Any, source: str, categories: dict[int, str], categor
             raise DetectionInputError(f"{where} has a bbox that is not 4 finite numbers [x, y, w, h]: {bbox!r}")
         if bbox[2] <= 0 or bbox[3] <= 0:
             raise DetectionInputError(f"{where} has a zero or negative-area bbox {bbox!r} (width and height must be > 0)")
+        if not all(math.isfinite(v) for v in (bbox[0] + bbox[2], bbox[1] + bbox[3], bbox[2] * bbox[3])):
+            raise DetectionInputError(f"{where} has a bbox too large for 64-bit floats: {bbox!r}")
         if not _is_number(det["score"]) or not 0.0 <= det["score"] <= 1.0:
             raise DetectionInputError(f"{where} has score {det['score']!r}, expected a number in [0, 1]")
         detections.append(
@@ -445,22 +446,11 @@ def to_annotations_file(result: AggregationResult, images: Sequence[dict[str, An
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary file next to ``path`` then rename it, so no partial file is left."""
-    target = Path(path)
-    try:
-        handle = tempfile.NamedTemporaryFile(
-            "w", encoding="utf-8", dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.",
-            suffix=".tmp", delete=False,
-        )
-    except OSError as exc:
-        raise DetectionInputError(f"{target}: cannot write ({exc.strerror or exc})") from None
-    try:
-        with handle:
-            json.dump(data, handle)
-        os.replace(handle.name, target)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    """Write JSON to a temporary file next to ``path`` then rename it over ``path``, so no partial
+    file is left (callers check for existing outputs before any work)."""
+    from neuralmerge.io.onnx_files import write_bytes_atomic
+
+    write_bytes_atomic(json.dumps(data).encode(), path, force=True)
 
 
 def evaluate_map(ground_truth: dict[str, Any], detections: Sequence[dict[str, Any]]) -> dict[str, float]:

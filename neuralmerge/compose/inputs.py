@@ -59,7 +59,9 @@ def read_array_file(path: str | os.PathLike, keys: tuple[str, ...]) -> dict[str,
     """Arrays from a ``.npy`` (the first key) or ``.npz`` file (every key must be present)."""
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
+    except ValueError:  # numpy's message for a file that is neither speaks of pickles
+        raise CompositionError(f"{path}: not a readable .npy or .npz file") from None
+    except (OSError, EOFError) as exc:
         raise CompositionError(f"{path}: cannot read as .npy/.npz ({str(exc).splitlines()[0][:200]})") from None
     if isinstance(loaded, np.ndarray):
         if len(keys) > 1:

@@ -20,6 +20,7 @@ variants of UHC §3.5.1).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -90,7 +91,7 @@ def normalised_entropy(probs: np.ndarray) -> np.ndarray:
 def pad_outputs(teacher_logits: Sequence[np.ndarray], supports: Sequence[np.ndarray], num_classes: int,
                 temperature: float = 1.0) -> TeacherOutputs:
     """Zero-pad each teacher's logits (n, K_i) over the union; softmax at ``temperature``."""
-    if temperature <= 0:
+    if not 0 < temperature < math.inf:  # NaN too
         raise CompositionError(f"--temperature must be > 0, got {temperature}")
     n, count = len(teacher_logits[0]), len(teacher_logits)
     logits = np.zeros((n, count, num_classes))

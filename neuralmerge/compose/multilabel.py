@@ -10,6 +10,7 @@ A (sample, task) no teacher speaks for gets weight 0; a sample with no task left
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -66,7 +67,7 @@ def make_task_targets(teacher_logits: Sequence[np.ndarray], class_lists: Sequenc
         raise CompositionError(f"unknown --select '{select}' (choose from {', '.join(SELECTIONS)})")
     if tau is not None and not 0.0 <= tau <= 1.0:
         raise CompositionError(f"--tau is a normalised entropy in [0, 1], got {tau}")
-    if temperature <= 0:
+    if not 0 < temperature < math.inf:  # NaN too
         raise CompositionError(f"--temperature must be > 0, got {temperature}")
     n, count, width = len(teacher_logits[0]), len(teacher_logits), len(tasks)
     column = {name: t for t, name in enumerate(tasks)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -159,6 +160,13 @@ def _agreement_sums(scores: torch.Tensor, labels: "PseudoLabels | TaskTargets", 
     return torch.tensor([float(matches.sum()), len(rows)], dtype=torch.float64)
 
 
+def _check_step(batch_size: int, lr: float, flag: str) -> None:
+    if batch_size < 1:
+        raise CompositionError(f"--batch-size must be >= 1, got {batch_size}")
+    if not 0 < lr < math.inf:  # NaN too
+        raise CompositionError(f"--{flag}lr must be a positive number, got {lr}")
+
+
 def train_student(model: nn.Module, x: np.ndarray, labels: "PseudoLabels | TaskTargets", *, epochs: int = 10,
                   batch_size: int = 64, lr: float = 1e-3, hard: bool = False, backprop: str | None = None,
                   val_fraction: float = 0.1, seed: int = 0, progress: bool = True,
@@ -177,6 +185,7 @@ def train_student(model: nn.Module, x: np.ndarray, labels: "PseudoLabels | TaskT
     """
     if epochs < 1:
         raise CompositionError(f"--epochs must be >= 1, got {epochs}")
+    _check_step(batch_size, lr, "")
     if not 0.0 <= val_fraction < 1.0:
         raise CompositionError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if backprop is not None and backprop not in BACKPROP_METHODS:
@@ -275,6 +284,7 @@ def finetune(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 5,
     """
     if epochs < 1:
         raise CompositionError(f"--finetune-epochs must be >= 1, got {epochs}")
+    _check_step(batch_size, lr, "finetune-")
     group = group or distributed.current()
     inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     targets = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))

@@ -21,6 +21,7 @@ student's own features are pulled toward the teacher's.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -182,7 +183,7 @@ class FeatureTransfer(nn.Module):
                  input_shape: tuple[int, ...], weight: float = 0.1,
                  explicit: Sequence[tuple[int, str, str]] | None = None):
         super().__init__()
-        if weight <= 0:
+        if not 0 < weight < math.inf:  # NaN too
             raise CompositionError(f"--transfer-weight must be > 0, got {weight}")
         self.weight = weight
         self.owners = torch.zeros(0, dtype=torch.int64)

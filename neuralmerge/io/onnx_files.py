@@ -23,8 +23,8 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"cannot parse ONNX file {path} (truncated or corrupt): {_first_line(exc)}") from exc
     if not model.graph.node:
         raise ModelLoadError(f"{path} is not a valid ONNX model (it has no graph nodes; truncated or corrupt?)")
-    try:
-        onnx.checker.check_model(model)
+    try:  # with strict shape inference: a wrong declared shape would fail the merged model's check
+        onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
         raise ModelLoadError(f"{path} is not a valid ONNX model: {_first_line(exc)}") from exc
     return model
@@ -63,10 +63,14 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike, *, force: bool = Fa
     """Write bytes so that readers never see a half-written file (temp file, then rename)."""
     path = Path(path)
     check_output_path(path, force=force)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise NeuralMergeError(f"cannot write {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -74,15 +78,45 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike, *, force: bool = Fa
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_output_path(path: str | os.PathLike, *, force: bool) -> None:
-    """Refuse to overwrite without ``force`` and require an existing parent folder."""
+    """Refuse to overwrite without ``force``; require an existing folder we can create files in."""
+    if not str(path):
+        raise NeuralMergeError("an output path is empty")
     path = Path(path)
     if path.exists() and not force:
         raise NeuralMergeError(f"output {path} exists (use --force to overwrite)")
     if path.is_dir():
         raise NeuralMergeError(f"output {path} is a directory")
-    if not path.parent.exists():
+    if not path.parent.is_dir():
         raise NeuralMergeError(f"output folder {path.parent} does not exist")
+    try:  # the only sure test (permissions, read-only or virtual file systems): create a file there
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise NeuralMergeError(f"cannot write to folder {path.parent}: {exc.strerror}") from None
+
+
+def check_output_paths(outputs, inputs=(), *, force: bool) -> None:
+    """``check_output_path`` for every output given (``None`` skipped), before any work is done;
+    no output may be another output or one of ``inputs`` (a model, a report or data overwritten)."""
+    seen: dict[str, str] = {}
+    for out in outputs:
+        if out is None:
+            continue
+        check_output_path(out, force=force)
+        key = os.path.realpath(out)
+        if key in seen:
+            raise NeuralMergeError(f"two outputs name the same file: {seen[key]} and {out}")
+        seen[key] = str(out)
+    for src in inputs:
+        if src and os.path.realpath(src) in seen:
+            raise NeuralMergeError(f"output {seen[os.path.realpath(src)]} would overwrite the input {src}")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -8,7 +8,7 @@ package needs neither the compiled module ``neuralmerge._lut`` nor ``onnx``.
 """
 _EXPORTS = {
     "Session": "session", "TensorSpec": "session", "NodeTime": "session", "FeedError": "session",
-    "ModelError": "pack", "pack_model": "pack", "pack_file": "pack",
+    "ModelError": "pack", "pack_model": "pack",
     "econv": "kernels", "egemm": "kernels", "KernelInputError": "kernels",
 }
 __all__ = list(_EXPORTS)

@@ -1,4 +1,4 @@
-"""Latency of a merged model in the native runtime against its originals in ONNX Runtime (DESIGN §7).
+"""Latency of a merged model in the native runtime against its originals in ONNX Runtime (docs/runtime.md, "Command line").
 
 The originals run back to back in one loop, as a device serving all tasks would, in ONNX
 Runtime fp32 (ORT_ENABLE_ALL) and statically quantised to int8 (QDQ, per-channel). Every
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from neuralmerge.io.onnx_files import ModelLoadError, ort_session
+from neuralmerge.errors import ConfigError
+from neuralmerge.io.onnx_files import ort_session
 from neuralmerge.runtime.session import PRECISIONS, Session
 
 __all__ = ["benchmark", "format_benchmark", "format_profile", "median_ms", "random_feeds", "quantize_int8",
@@ -39,9 +40,19 @@ def median_ms(fn: Callable[[], object], repeat: int, warmup: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def random_feeds(session, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Batch-1 float32 feeds for an onnxruntime session (free dimensions set to 1)."""
-    return {i.name: rng.standard_normal([d if isinstance(d, int) and d > 0 else 1 for d in i.shape]).astype(np.float32)
+def batch1_shape(name: str, shape, what: str) -> list[int]:
+    """``shape`` at batch 1: a free first dimension (the batch) becomes 1; any other free one is an
+    error (timing an image of 1x1 pixels would measure nothing the user runs)."""
+    dims = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    if None in dims[1:]:
+        raise ConfigError(f"{what} input '{name}' has free dimensions {list(shape)}; bench times fixed shapes: "
+                          "pin them when merging (neuralmerge merge --input-shape)")
+    return [1 if dims[0] is None else dims[0], *dims[1:]]
+
+
+def random_feeds(session, rng: np.random.Generator, what: str = "model") -> dict[str, np.ndarray]:
+    """Batch-1 float32 feeds for an onnxruntime session."""
+    return {i.name: rng.standard_normal(batch1_shape(i.name, i.shape, what)).astype(np.float32)
             for i in session.get_inputs()}
 
 
@@ -100,22 +111,27 @@ def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, 
     ``profile`` adds ``result["profile"][lut]``: each node's mean time over ``repeat`` more runs
     of a profiling session (kept apart from the timed runs, which it would slow down).
     """
-    from neuralmerge.runtime.pack import is_packed, pack_model
+    from neuralmerge.runtime.pack import is_packed, model_path, pack_model
 
-    if not Path(merged).is_file():
-        raise ModelLoadError(f"no such model file: {merged}")
-    for path in baselines:
-        if not Path(path).is_file():
-            raise ModelLoadError(f"no such ONNX file: {path}")
+    for path in [merged, *baselines]:
+        model_path(path)
     rng = np.random.default_rng(seed)
     result: dict = {"threads": threads, "repeat": repeat, "warmup": warmup, "cpu": _cpu_features(),
                     "merged": {"path": str(merged), "bytes": Path(merged).stat().st_size},
                     "baselines": [{"path": str(b), "bytes": Path(b).stat().st_size} for b in baselines],
                     "runtime_ms": {}, "ratios": {}}
 
+    packed = Path(merged).read_bytes() if is_packed(merged) else pack_model(merged)
+    result["merged"]["nmpack_bytes"] = len(packed)
+    merged_inputs = {tuple(batch1_shape(s.name, s.shape, "merged model")[1:]) for s in Session(packed).inputs}
     if baselines:
         fp32 = [ort_session(b, threads) for b in baselines]
-        fp32_feeds = [random_feeds(s, rng) for s in fp32]
+        fp32_feeds = [random_feeds(s, rng, f"baseline {b}") for s, b in zip(fp32, baselines)]
+        for path, feeds in zip(baselines, fp32_feeds):
+            for name, x in feeds.items():  # a baseline is one of the models merged: it takes one of the inputs
+                if tuple(x.shape[1:]) not in merged_inputs:
+                    raise ConfigError(f"baseline {path} takes '{name}' of shape {list(x.shape)}, which no input of "
+                                      f"the merged model has; --baseline names the models that were merged")
         result["ort_fp32_ms"] = median_ms(lambda: [s.run(None, f) for s, f in zip(fp32, fp32_feeds)], repeat, warmup)
         if int8_baseline:
             with tempfile.TemporaryDirectory() as tmp:
@@ -126,11 +142,10 @@ def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, 
                 int8 = [ort_session(p, threads) for p in int8_paths]
             result["ort_int8_ms"] = median_ms(lambda: [s.run(None, f) for s, f in zip(int8, fp32_feeds)], repeat, warmup)
 
-    packed = Path(merged).read_bytes() if is_packed(merged) else pack_model(merged)
-    result["merged"]["nmpack_bytes"] = len(packed)
     for lut in luts:
         session = Session(packed, lut=lut, threads=threads)
-        feeds = {s.name: rng.standard_normal([d or 1 for d in s.shape]).astype(np.float32) for s in session.inputs}
+        feeds = {s.name: rng.standard_normal(batch1_shape(s.name, s.shape, "merged model")).astype(np.float32)
+                 for s in session.inputs}
         # A session with 2+ threads tries two ways of running a merged model's tasks on its first
         # SETTLE_RUNS runs (docs/runtime.md); those are warm-up, whatever --warmup says.
         ms = median_ms(lambda: session.run(feeds), repeat, max(warmup, SETTLE_RUNS))

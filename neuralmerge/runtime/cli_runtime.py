@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from pathlib import Path
 
 import click
 import numpy as np
 
 from neuralmerge.cli_support import user_errors
-from neuralmerge.io.onnx_files import write_bytes_atomic
+from neuralmerge.io.onnx_files import check_output_paths, write_bytes_atomic
 from neuralmerge.errors import ConfigError
 from neuralmerge.runtime.session import PRECISIONS
 
@@ -26,11 +27,30 @@ def _read_feeds(values: tuple[str, ...]) -> dict[str, np.ndarray]:
         name, sep, file = value.partition("=")
         if not sep or not name or not file:
             raise ConfigError(f"--input {value!r}: expected NAME=FILE.npy")
+        if name in feeds:
+            raise ConfigError(f"--input {name} is given twice")
         try:
-            feeds[name] = np.load(file, allow_pickle=False)
-        except (OSError, ValueError) as exc:
+            array = np.load(file, allow_pickle=False)
+        except ValueError:  # numpy's message for a file that is not .npy speaks of pickles
+            raise ConfigError(f"--input {name}: {file} is not a readable .npy file") from None
+        except OSError as exc:
             raise ConfigError(f"--input {name}: cannot read {file}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(array, np.ndarray):
+            array.close()
+            raise ConfigError(f"--input {name}: {file} is an .npz archive; give one .npy file per input")
+        feeds[name] = array
     return feeds
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """The arrays as an .npz archive. Written member by member: np.savez(f, **arrays) takes an
+    output named 'file' or 'allow_pickle' for its own arguments."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+    return buffer.getvalue()
 
 
 @click.command("run")
@@ -49,13 +69,14 @@ def run_cmd(model, inputs, outputs, lut, threads, out_path, force):
     """Run MODEL (.onnx or .nmpack) on the native lookup-table runtime."""
     from neuralmerge.runtime import Session
 
+    feeds_given = [value.partition("=")[2] for value in inputs]
+    if out_path is not None:
+        check_output_paths([out_path], [model, *feeds_given], force=force)
     session = Session(model, lut=lut, threads=threads)
     feeds = _read_feeds(inputs)
     results = session.run(feeds, outputs=list(outputs) or _computable_outputs(session, feeds))
-    if out_path:
-        buffer = io.BytesIO()
-        np.savez(buffer, **results)
-        write_bytes_atomic(buffer.getvalue(), out_path, force=force)
+    if out_path is not None:
+        write_bytes_atomic(_npz_bytes(results), out_path, force=force)
     for name, array in results.items():
         line = f"{name}: shape {tuple(array.shape)}"
         if array.ndim == 2:
@@ -83,10 +104,12 @@ def pack_cmd(model, output, force):
     """Pack a merged ONNX MODEL into the .nmpack file the C++ runtime loads (no protobuf needed)."""
     from neuralmerge.runtime import Session, pack_model
 
+    check_output_paths([output], [model], force=force)
+    source_bytes = Path(model).stat().st_size if Path(model).is_file() else 0
     data = pack_model(model)
     Session(data)  # the runtime validates the pack before anything is written
     write_bytes_atomic(data, output, force=force)
-    click.echo(f"wrote {output}: {len(data):,} bytes (from {Path(model).stat().st_size:,} bytes of ONNX)")
+    click.echo(f"wrote {output}: {len(data):,} bytes (from {source_bytes:,} bytes of ONNX)")
 
 
 @click.command("bench")
@@ -108,6 +131,8 @@ def bench_cmd(model, baselines, threads, luts, repeat, warmup, no_int8_baseline,
     """Time merged MODEL (.onnx or .nmpack) in the runtime against the original models in ONNX Runtime (batch 1)."""
     from neuralmerge.runtime.bench import benchmark, format_benchmark
 
+    if json_path is not None:
+        check_output_paths([json_path], [model, *baselines], force=force)
     result = benchmark(model, list(baselines), threads=threads, luts=tuple(luts) or PRECISIONS, repeat=repeat,
                        warmup=warmup, int8_baseline=not no_int8_baseline, profile=profile)
     if json_path:

@@ -26,7 +26,7 @@ import numpy as np
 
 from neuralmerge.errors import NeuralMergeError
 
-__all__ = ["ModelError", "MAGIC", "VERSION", "is_packed", "pack_model", "pack_file"]
+__all__ = ["ModelError", "MAGIC", "VERSION", "is_packed", "model_path", "pack_model"]
 
 MAGIC = b"NMPACK\r\n"
 VERSION = 1
@@ -42,23 +42,24 @@ class ModelError(NeuralMergeError, ValueError):
     """A model file is malformed, inconsistent, or uses an op the neuralmerge runtime cannot run."""
 
 
+def model_path(model: str | os.PathLike) -> Path:
+    """``model`` as the path of a non-empty file, or a one-line ModelError saying what it is instead."""
+    path = Path(model)
+    if not str(model):
+        raise ModelError("no model file given (an empty path)")
+    if path.is_dir():
+        raise ModelError(f"{path} is a directory, not a model file")
+    if not path.is_file():
+        raise ModelError(f"no such model file: {path}")
+    if path.stat().st_size == 0:
+        raise ModelError(f"model file {path} is empty")
+    return path
+
+
 def is_packed(path: str | os.PathLike) -> bool:
     """Whether the file at ``path`` is an ``.nmpack`` (by its magic bytes, whatever its name)."""
     with open(path, "rb") as f:
         return f.read(len(MAGIC)) == MAGIC
-
-
-def pack_file(source: str | os.PathLike, destination: str | os.PathLike) -> int:
-    """Pack the ONNX file ``source`` into ``destination`` atomically; return the bytes written."""
-    data = pack_model(source)
-    destination = Path(destination)
-    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, destination)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return len(data)
 
 
 def pack_model(model) -> bytes:
@@ -66,9 +67,9 @@ def pack_model(model) -> bytes:
     import onnx
 
     if not isinstance(model, onnx.ModelProto):
-        path = Path(model)
-        if not path.is_file():
-            raise ModelError(f"no such model file: {path}")
+        path = model_path(model)
+        if is_packed(path):
+            raise ModelError(f"{path} is already a .nmpack file (Session loads it as it is)")
         try:
             model = onnx.load(str(path))
         except Exception as exc:  # protobuf raises its own untyped errors for corrupt files
@@ -83,12 +84,18 @@ def pack_model(model) -> bytes:
     used = {name for node in nodes for name in node.input if name} | {o.name for o in graph.output}
     constants = {name: array for name, array in constants.items() if name in used}
 
+    outputs = list(graph.output)
+    if any(not vi.type.tensor_type.HasField("shape") for vi in outputs):
+        try:  # the runtime needs every output's rank; onnx can often infer what the file leaves out
+            outputs = list(onnx.shape_inference.infer_shapes(model).graph.output)
+        except Exception:  # noqa: BLE001 - then _io_spec names the output without a shape
+            pass
     metadata = {p.key: p.value for p in model.metadata_props}
     header = {
         "format": "neuralmerge-pack",
         "opset": int(opset),
         "inputs": [_io_spec(vi) for vi in graph.input if vi.name not in constants and vi.name in used],
-        "outputs": [_io_spec(vi) for vi in graph.output],
+        "outputs": [_io_spec(vi) for vi in outputs],
         "tensors": [],
         "nodes": [_node_spec(node) for node in nodes],
         "elayers": _elayer_specs(nodes, metadata),

@@ -16,13 +16,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from neuralmerge.errors import ConfigError, NeuralMergeError
 from neuralmerge.runtime import _native
-from neuralmerge.runtime.pack import ModelError, is_packed, pack_model
+from neuralmerge.runtime.pack import ModelError, is_packed, model_path, pack_model
 
 __all__ = ["Session", "TensorSpec", "NodeTime", "FeedError", "ModelError", "PRECISIONS"]
 
@@ -80,9 +79,7 @@ class Session:
             if isinstance(model, (bytes, bytearray, memoryview)):
                 self._native = lib.Session.from_buffer(bytes(model), lut, threads, profile)
             else:
-                path = Path(model)
-                if not path.is_file():
-                    raise ModelError(f"no such model file: {path}")
+                path = model_path(model)
                 if is_packed(path):
                     self._native = lib.Session.from_file(str(path), lut, threads, profile)
                 else:
@@ -103,6 +100,8 @@ class Session:
         if isinstance(outputs, str):
             outputs = [outputs]
         names = [spec.name for spec in self.outputs] if outputs is None else list(outputs)
+        if not names or not all(isinstance(name, str) for name in names):
+            raise FeedError(f"outputs must be a non-empty list of output names (or None for all), got {outputs!r}")
         lib = self._lib
         try:
             results = self._native.run(dict(feeds), names)
@@ -114,6 +113,8 @@ class Session:
 
     def inputs_needed(self, output: str) -> list[str]:
         """The graph inputs ``output`` depends on: the feeds :meth:`run` needs for it alone."""
+        if not isinstance(output, str):
+            raise FeedError(f"output must be an output name, got {output!r}")
         try:
             return list(self._native.inputs_needed(output))
         except self._lib.InputError as exc:
