@@ -30,7 +30,8 @@ def random_inputs(specs: list[TensorSpec], samples: int, rng: np.random.Generato
 
 
 def compare_outputs(reference: np.ndarray, merged: np.ndarray) -> dict:
-    """Top-1 agreement over the last axis (for class-score outputs), max abs and relative error."""
+    """Top-1 agreement for class-score outputs ([N, classes], as calibration counts them), max abs
+    and relative error."""
     ref = reference.astype(np.float64)
     out = merged.astype(np.float64)
     diff = out - ref
@@ -38,7 +39,7 @@ def compare_outputs(reference: np.ndarray, merged: np.ndarray) -> dict:
         "max_abs_error": float(np.abs(diff).max()) if diff.size else 0.0,
         "relative_error": float(np.linalg.norm(diff) / max(np.linalg.norm(ref), 1e-30)),
     }
-    if ref.ndim >= 2 and ref.shape[-1] > 1:
+    if ref.ndim == 2 and ref.shape[1] > 1:
         result["top1_agreement"] = float((ref.argmax(-1) == out.argmax(-1)).mean())
     return result
 
@@ -51,20 +52,25 @@ def measure_fidelity(originals: list[onnx.ModelProto], merged: onnx.ModelProto, 
     ``names[i]`` maps model i's original input/output names to their names in the merged graph.
     ``inputs[i]`` (optional) gives model i's feeds by original input name; otherwise random inputs,
     sized by ``pinned[i]`` (the inputs with ``--input-shape`` applied) where the original's are dynamic.
+    A model exported with a fixed batch runs its samples that many at a time.
     """
     rng = np.random.default_rng(seed)
     feeds = [inputs[i] if inputs else random_inputs(input_specs(m), samples, rng, pinned[i] if pinned else None)
              for i, m in enumerate(originals)]
-    merged_feeds = {names[i][k]: v for i, f in enumerate(feeds) for k, v in f.items()}
     merged_sess = ort_session(merged)
-    merged_out = dict(zip([o.name for o in merged_sess.get_outputs()], merged_sess.run(None, merged_feeds)))
     results = []
     for i, model in enumerate(originals):
         sess = ort_session(model)
-        ref = sess.run(None, feeds[i])
+        out_names = [o.name for o in sess.get_outputs()]
+        ref_parts, merged_parts = [], []
+        for chunk, count in _batches(feeds[i], _fixed_batch(sess)):
+            ref_parts.append([r[:count] for r in sess.run(None, chunk)])
+            got = run_merged_model(merged_sess, names[i], chunk)
+            merged_parts.append([got[n][:count] for n in out_names])
         per_output = {}
-        for out_meta, ref_val in zip(sess.get_outputs(), ref):
-            per_output[out_meta.name] = compare_outputs(ref_val, merged_out[names[i][out_meta.name]])
+        for k, name in enumerate(out_names):
+            per_output[name] = compare_outputs(np.concatenate([p[k] for p in ref_parts]),
+                                               np.concatenate([p[k] for p in merged_parts]))
         agreements = [v["top1_agreement"] for v in per_output.values() if "top1_agreement" in v]
         results.append({
             "model": i,
@@ -75,6 +81,25 @@ def measure_fidelity(originals: list[onnx.ModelProto], merged: onnx.ModelProto, 
             "outputs": per_output,
         })
     return results
+
+
+def _fixed_batch(session: ort.InferenceSession) -> int | None:
+    """The batch size every input of ``session`` fixes (torch.onnx.export fixes 1 unless told not to)."""
+    first = {meta.shape[0] if meta.shape and isinstance(meta.shape[0], int) else None for meta in session.get_inputs()}
+    return first.pop() if len(first) == 1 else None
+
+
+def _batches(feeds: dict[str, np.ndarray], batch: int | None):
+    """``feeds`` whole, or ``batch`` samples at a time (the last chunk padded with its last sample);
+    yields (chunk, how many of its samples are real)."""
+    total = len(next(iter(feeds.values()))) if feeds else 0
+    if batch is None or total == batch:
+        yield feeds, total
+        return
+    for start in range(0, total, batch):
+        chunk = {k: v[start:start + batch] for k, v in feeds.items()}
+        count = len(next(iter(chunk.values())))
+        yield {k: np.concatenate([v, np.repeat(v[-1:], batch - count, axis=0)]) for k, v in chunk.items()}, count
 
 
 def run_merged_model(session: ort.InferenceSession, names: dict[str, str], feeds: dict[str, np.ndarray],

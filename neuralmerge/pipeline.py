@@ -24,7 +24,7 @@ from .calibrate.data import CalibrationSet, load_calibration
 from .calibrate.search import search
 from .calibrate.trainer import CalibrationInterrupted, CalibrationOutcome, Calibrator
 from .encode.kmeans import encode_group
-from .errors import ConfigError, NeuralMergeError
+from .errors import ConfigError, ModelLoadError, NeuralMergeError
 from .export.merged_onnx import EncodedMember, GroupArtifact, build_merged_model, io_names
 from .fidelity import measure_fidelity
 from .graph.importer import check_supported
@@ -33,6 +33,9 @@ from .graph.normalize import default_opset, graph_inputs, input_specs, normalize
 from .io.onnx_files import check_output_paths, load_model, save_model_atomic, write_bytes_atomic
 from .report_files import companion_paths, write_report_files
 from .settings import CalibrationSettings, GroupSetting, MergeConfig, make_config
+
+MIN_OPSET = 10  # the E-layers' function bodies use Slice-10
+
 
 @dataclass
 class Plan:
@@ -84,9 +87,11 @@ def plan(models: list, *, config=None, preset: str | None = None, r: int | None 
             sources.append(str(m))
             originals.append(load_model(m))
             sizes.append(Path(m).stat().st_size)
+    for source, m in zip(sources, originals):
+        _require_float32(m, source)
     names = io_names(originals)
     shapes = _shapes_per_model(input_shapes or {}, originals, names)
-    opset = max(default_opset(m) for m in originals)
+    opset = max(MIN_OPSET, *(default_opset(m) for m in originals))
     normalised = [normalize(m, opset=opset, input_shapes=shapes[i], label=sources[i]) for i, m in enumerate(originals)]
     for m in normalised:
         check_supported(m)  # calibration imports every model into torch: refuse what it cannot run, now
@@ -112,6 +117,17 @@ def plan(models: list, *, config=None, preset: str | None = None, r: int | None 
         settings[g.name] = GroupSetting(min(s.r, min(m.depth for m in g.members)), s.codewords)
         encoded_groups.append(g)
     return Plan(sources, sizes, originals, normalised, names, layers, encoded_groups, settings, dense, cfg, opset)
+
+
+def _require_float32(model: onnx.ModelProto, source: str) -> None:
+    """Merged models compute in float32 (their codebooks and E-layer bodies are float32)."""
+    floats = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
+              onnx.TensorProto.DOUBLE: "float64"}
+    for vi in [*graph_inputs(model), *model.graph.output]:
+        kind = floats.get(vi.type.tensor_type.elem_type)
+        if kind:
+            raise ModelLoadError(f"{source}: '{vi.name}' is {kind}; neuralmerge merges float32 models "
+                                 "(export the model in float32)")
 
 
 def merge(models: list, output: str | os.PathLike | None = None, *, config=None, preset: str | None = None,
@@ -249,7 +265,7 @@ def _encode_artifacts(p: Plan, groups: list[Group], settings: dict[str, GroupSet
     artifacts = []
     for g in tqdm(groups, desc="encoding", unit="group", disable=quiet):
         s = settings[g.name]
-        enc = encode_group(g.members, s.r, s.codewords, seed=seed, name=g.name)
+        enc = encode_group(g.members, s.r, s.codewords, seed=seed, name=g.name, codebook_dtype=p.config.codebook_dtype)
         members = [EncodedMember(layer, codes, enc.offsets[:codes.shape[-1]].astype(np.int64))
                    for layer, codes in zip(g.members, enc.codes)]
         artifacts.append(GroupArtifact(

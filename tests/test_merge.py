@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import neuralmerge
+from neuralmerge.errors import NeuralMergeError
 from neuralmerge.fidelity import ort_session
 from neuralmerge.zoo.architectures import LeNet
 from hetero_models import export, hetero_pair
@@ -155,3 +156,80 @@ def test_mobilenet_with_vgg_batchnorm_folded_and_exact(tmp_path):
     np.testing.assert_allclose(got["m1.logits"], run(onnx.load(str(vgg)), {"input": xv})["logits"],
                                rtol=1e-4, atol=1e-5)
     assert {g["kind"] for g in result.report["groups"]} == {"conv", "fc"}
+
+
+def _small_cnn(path, *, opset=17, dtype=np.float32, scale=0.3, names=("w1", "b1", "w2", "b2", "fw", "fb"),
+               node_names=("conv_a", "conv_b", "head"), batch="N"):
+    """Conv-Relu-Conv-Relu-Flatten-Gemm on 3x4x4 inputs, built with onnx.helper (initializer and node
+    names chosen by the caller)."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    shapes = [(8, 3, 3, 3), (8,), (8, 8, 3, 3), (8,), (5, 128), (5,)]
+    w1, b1, w2, b2, fw, fb = names
+    nodes = [helper.make_node("Conv", ["x", w1, b1], ["c1"], pads=[1, 1, 1, 1], name=node_names[0]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", w2, b2], ["c2"], pads=[1, 1, 1, 1], name=node_names[1]),
+             helper.make_node("Relu", ["c2"], ["r2"]), helper.make_node("Flatten", ["r2"], ["f"]),
+             helper.make_node("Gemm", ["f", fw, fb], ["y"], transB=1, name=node_names[2])]
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(
+        nodes, "small", [helper.make_tensor_value_info("x", elem, [batch, 3, 4, 4])],
+        [helper.make_tensor_value_info("y", elem, [batch, 5])],
+        [numpy_helper.from_array((rng.standard_normal(s) * scale).astype(dtype), n) for s, n in zip(shapes, names)])
+    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", opset)]), str(path))
+    return path
+
+
+def test_source_names_never_collide_with_the_e_layers_constants(tmp_path):
+    # A node 'conv1' with an initializer 'conv1.bias': the E-layer's bias is named m0.conv1.bias too.
+    source = _small_cnn(tmp_path / "names.onnx", names=("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",
+                                                        "fc.weight", "fc.bias"), node_names=("conv1", "conv2", "fc"))
+    neuralmerge.merge([source], tmp_path / "m.onnx", r=1, codewords=65536, compress_heads=True, quiet=True)
+    merged = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(merged, full_check=True)
+    x = np.random.default_rng(1).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(run(merged, {"x": x})["y"], run(onnx.load(str(source)), {"x": x})["y"], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_old_opsets_are_converted_and_other_float_types_refused(tmp_path):
+    # The E-layers' function bodies use Slice-10: a lone opset-9 model is converted up.
+    source = _small_cnn(tmp_path / "opset9.onnx", opset=9)
+    result = neuralmerge.merge([source], tmp_path / "m.onnx", quiet=True)
+    assert result.report["fidelity"][0]["relative_error"] < 0.2
+    with pytest.raises(NeuralMergeError, match="'x' is float16; neuralmerge merges float32 models"):
+        neuralmerge.merge([_small_cnn(tmp_path / "half.onnx", dtype=np.float16)], tmp_path / "h.onnx", quiet=True)
+
+
+def test_input_shape_cannot_change_a_fixed_batch(tmp_path):
+    source = _small_cnn(tmp_path / "batch1.onnx", batch=1)
+    with pytest.raises(NeuralMergeError, match="dimension 0 of .* is fixed at 1, not 4"):
+        neuralmerge.merge([source], tmp_path / "m.onnx", input_shapes={"x": (4, 3, 4, 4)}, quiet=True)
+
+
+def test_float16_codebooks_count_their_rounding_and_refuse_what_they_cannot_hold(tmp_path):
+    source = _small_cnn(tmp_path / "s.onnx")
+    exact = neuralmerge.merge([source], tmp_path / "a.onnx", r=1, codewords=65536, quiet=True)
+    half = neuralmerge.merge([source], tmp_path / "b.onnx", r=1, codewords=65536, codebook_dtype="float16", quiet=True)
+    assert all(g["relative_error"] == 0.0 for g in exact.report["groups"])
+    assert all(1e-5 < g["relative_error"] < 1e-3 for g in half.report["groups"])  # float16 rounding, ~2^-12
+    with pytest.raises(NeuralMergeError, match="beyond float16's range"):
+        neuralmerge.merge([_small_cnn(tmp_path / "big.onnx", scale=1e5)], tmp_path / "c.onnx", r=1,
+                          codewords=65536, codebook_dtype="float16", quiet=True)
+    assert not (tmp_path / "c.onnx").exists()
+
+
+def test_fixed_batch_models_calibrate_and_count_top1_on_class_scores_only(tmp_path):
+    # torch.onnx.export fixes the batch at 1 unless told otherwise; fidelity runs such a model one
+    # sample at a time. A feature-map output has no top-1.
+    from neuralmerge.fidelity import compare_outputs
+
+    source = _small_cnn(tmp_path / "batch1.onnx", batch=1)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((40, 3, 4, 4)).astype(np.float32))
+    result = neuralmerge.merge([source], tmp_path / "m.onnx", calib=[tmp_path / "calib.npy"],
+                               calibration={"epochs": 1}, quiet=True)
+    assert result.report["fidelity"][0]["samples"] == 4  # the held-out tenth, run one by one
+    features = np.random.default_rng(2).standard_normal((4, 8, 6, 6))
+    assert "top1_agreement" not in compare_outputs(features, features + 0.1)
+    assert compare_outputs(features[:, :, 0, 0], features[:, :, 0, 0])["top1_agreement"] == 1.0

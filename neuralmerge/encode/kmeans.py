@@ -79,11 +79,28 @@ def _cluster_segment(vectors: np.ndarray, codewords: int, *, seed: int, nredo: i
     return kmeans.centroids, labels[:, 0]
 
 
+FLOAT16_MAX = 65504.0
+
+
+def stored_as(codebook: np.ndarray, codebook_dtype: str, name: str) -> np.ndarray:
+    """``codebook`` rounded to its storage type (as float32), or a ConfigError if float16 cannot hold it."""
+    if codebook_dtype != "float16":
+        return codebook
+    largest = float(np.abs(codebook).max(initial=0.0))
+    if not largest <= FLOAT16_MAX:
+        raise ConfigError(f"group {name}: codewords reach {largest:.3g}, beyond float16's range "
+                          f"({FLOAT16_MAX:g}); use --codebook-dtype float32")
+    return codebook.astype(np.float16).astype(np.float32)
+
+
 def encode_group(members: list[Layer], r: int, codewords: int, *, seed: int = 0, nredo: int = 3,
-                 niter: int = 25, name: str = "", progress: bool = False) -> EncodedGroup:
+                 niter: int = 25, name: str = "", progress: bool = False,
+                 codebook_dtype: str = "float32") -> EncodedGroup:
     """Jointly encode the weights of ``members`` (one aligned group) into a shared codebook.
 
-    ``r`` is clipped to the smallest member depth (the result records the ``r`` used). Segments
+    ``r`` is clipped to the smallest member depth (the result records the ``r`` used). With a
+    float16 ``codebook_dtype`` the codewords are rounded as they will be stored, so the errors
+    count the rounding. Segments
     are clustered in parallel on ``faiss.omp_get_max_threads()`` threads, each k-means on one
     thread: these k-means are too small for OpenMP inside one to pay (LeNet fc1: 7 s on one
     thread, 53 s on two when the cores were shared). So results depend only on ``seed``.
@@ -104,6 +121,7 @@ def encode_group(members: list[Layer], r: int, codewords: int, *, seed: int = 0,
         parts = [segments[k][..., v, :].reshape(-1, r) for k in owners]
         vectors = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
         book, labels = _cluster_segment(vectors, codewords, seed=(seed + v) % 2**31, nredo=nredo, niter=niter)
+        book = stored_as(book, codebook_dtype, name)
         error = book[labels] - vectors
         squared_error, real_entries, start = 0.0, 0, 0
         for k, part in zip(owners, parts):

@@ -10,6 +10,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .. import __version__
+from ..encode.kmeans import stored_as
 from ..graph.layers import Layer
 from ..graph.normalize import graph_inputs
 from .functions import DOMAIN, VERSION, econv_function, egemm_function
@@ -57,11 +58,16 @@ def build_merged_model(models: list[onnx.ModelProto], sources: list[str], groups
     used_functions: set[str] = set()
 
     for g in groups:
-        cb = g.codebook.astype(np.float16 if codebook_dtype == "float16" else np.float32)
+        # Calibration may have moved the codewords since encoding: check float16's range again.
+        cb = stored_as(g.codebook.astype(np.float32), codebook_dtype, g.name).astype(
+            np.float16 if codebook_dtype == "float16" else np.float32)
         initializers.append(numpy_helper.from_array(cb, f"nm.{g.name}.codebook"))
 
+    taken = {f"nm.{g.name}.codebook" for g in groups} | {
+        f"m{m.layer.model}.{m.layer.node}.{part}" for g in groups for m in g.members
+        for part in ("codes", "offsets", "depth", "bias")}
     for i, model in enumerate(models):
-        rename = _renamer(i, names[i])
+        rename = _renamer(i, names[i], taken)
         graph = model.graph
         consumers = Counter(name for node in graph.node for name in node.input)
         fused_adds: dict[str, str] = {}   # Add node name -> output the EGemm takes over
@@ -135,11 +141,17 @@ def build_merged_model(models: list[onnx.ModelProto], sources: list[str], groups
     return merged
 
 
-def _renamer(i: int, keep: dict[str, str]):
+def _renamer(i: int, keep: dict[str, str], taken: set[str]):
+    """Model i's names in the merged graph: ``m{i}.name``, unless ``keep`` keeps an input/output
+    name, and never one of the names the E-layers' constants take (``taken``: a source node
+    'conv1' with an initializer 'conv1.bias' would give the E-layer's bias name again)."""
     def rename(name: str) -> str:
-        if not name:
-            return name
-        return keep.get(name, f"m{i}.{name}")
+        if not name or name in keep:
+            return keep.get(name, name)
+        renamed = f"m{i}.{name}"
+        while renamed in taken:
+            renamed += ".src"
+        return renamed
     return rename
 
 

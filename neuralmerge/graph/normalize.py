@@ -138,7 +138,7 @@ def _pin_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
             if len(given) != len(dims):
                 raise ConfigError(f"--input-shape {vi.name}: {label} expects rank {len(dims)}, got {len(given)}")
             for k, (d, g) in enumerate(zip(dims, given)):
-                if d.HasField("dim_value") and d.dim_value != g and not (k == 0):
+                if d.HasField("dim_value") and d.dim_value != g:  # the graph's other shapes assume it
                     raise ConfigError(f"--input-shape {vi.name}: dimension {k} of {label} is fixed at "
                                       f"{d.dim_value}, not {g}")
                 d.Clear()
