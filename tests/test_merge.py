@@ -181,6 +181,23 @@ def _small_cnn(path, *, opset=17, dtype=np.float32, scale=0.3, names=("w1", "b1"
     return path
 
 
+def test_prefixed_names_never_collide_with_another_models_own(tmp_path):
+    # Models 0 and 1 both call their input 'x' (so both become m{i}.x); model 2 calls its own 'm0.x'.
+    sources = [_small_cnn(tmp_path / f"s{i}.onnx") for i in range(2)]
+    third = onnx.load(str(_small_cnn(tmp_path / "s2.onnx")))
+    for node in third.graph.node:
+        node.input[:] = ["m0.x" if n == "x" else n for n in node.input]
+    third.graph.input[0].name = "m0.x"
+    onnx.save(third, str(tmp_path / "s2.onnx"))
+    neuralmerge.merge([*sources, tmp_path / "s2.onnx"], tmp_path / "m.onnx", quiet=True)
+    merged = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(merged, full_check=True)
+    names = [i.name for i in merged.graph.input]
+    assert len(set(names)) == 3 and "m0.x" in names and "m1.x" in names
+    models = json.loads({p.key: p.value for p in merged.metadata_props}["neuralmerge.models"])
+    assert [m["inputs"][0]["name"] for m in models][2] == "m0.x" != models[0]["inputs"][0]["name"]
+
+
 def test_source_names_never_collide_with_the_e_layers_constants(tmp_path):
     # A node 'conv1' with an initializer 'conv1.bias': the E-layer's bias is named m0.conv1.bias too.
     source = _small_cnn(tmp_path / "names.onnx", names=("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias",

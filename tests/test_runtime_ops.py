@@ -145,6 +145,19 @@ def test_dilated_average_pooling(kernel, dilations, pads, ceil, include_pad):
                            ceil_mode=ceil, count_include_pad=include_pad), {"x": x}, opset=19)
 
 
+def test_constant_nodes_are_folded_when_packing():
+    # torch's exporter writes Constant nodes (ZeroPad2d, view); packing folds them with the
+    # model's opset (onnx's reference evaluator refuses a bare graph).
+    x = rand(1, 3)
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones((1, 3), np.float32))),
+         helper.make_node("Add", ["x", "c"], ["y"])], "constant",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    np.testing.assert_array_equal(Session(pack_model(model)).run({"x": x})["y"], x + 1)
+
+
 def test_transpose_of_a_scalar():
     # A reduction to a scalar, transposed (a no-op), then reshaped back to rank 1.
     x = rand(1, 3, 4, 5)

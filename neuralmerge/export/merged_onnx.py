@@ -45,8 +45,22 @@ def io_names(models: list[onnx.ModelProto]) -> list[dict[str, str]]:
     """
     per_model = [{vi.name for vi in graph_inputs(m)} | {o.name for o in m.graph.output} for m in models]
     counts = Counter(name for names in per_model for name in names)
-    return [{name: (name if counts[name] == 1 else f"m{i}.{name}") for name in names}
-            for i, names in enumerate(per_model)]
+    taken = {name for name, count in counts.items() if count == 1}
+    result = []
+    for i, names in enumerate(per_model):
+        mapping = {}
+        for name in sorted(names):
+            if counts[name] == 1:
+                mapping[name] = name
+                continue
+            merged, k = f"m{i}.{name}", 0
+            while merged in taken:  # another model may call its own tensor 'm0.input'
+                k += 1
+                merged = f"m{i}.{name}.{k}"
+            taken.add(merged)
+            mapping[name] = merged
+        result.append(mapping)
+    return result
 
 
 def build_merged_model(models: list[onnx.ModelProto], sources: list[str], groups: list[GroupArtifact], *,
@@ -65,7 +79,7 @@ def build_merged_model(models: list[onnx.ModelProto], sources: list[str], groups
 
     taken = {f"nm.{g.name}.codebook" for g in groups} | {
         f"m{m.layer.model}.{m.layer.node}.{part}" for g in groups for m in g.members
-        for part in ("codes", "offsets", "depth", "bias")}
+        for part in ("codes", "offsets", "depth", "bias")} | {merged for n in names for merged in n.values()}
     for i, model in enumerate(models):
         rename = _renamer(i, names[i], taken)
         graph = model.graph

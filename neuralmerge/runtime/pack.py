@@ -178,8 +178,9 @@ def _fold_constants(nodes: list, constants: dict[str, np.ndarray], opset: int) -
     remaining = []
     for node in nodes:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            values = [ReferenceEvaluator(helper.make_graph([node], "fold", [], [helper.make_empty_tensor_value_info(
-                node.output[0])]), verbose=0).run(None, {})[0]]
+            graph = helper.make_graph([node], "fold", [], [helper.make_empty_tensor_value_info(node.output[0])])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+            values = [ReferenceEvaluator(model).run(None, {})[0]]
         elif node.domain in ("", "ai.onnx") and node.input and all(not n or n in constants for n in node.input):
             try:
                 elements = _folded_elements(node, constants)
