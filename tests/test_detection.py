@@ -182,6 +182,18 @@ def test_map_of_perfect_prediction_is_one_and_teacher_noise_lowers_it():
     assert 0.2 < noisy["map"] < 0.95
 
 
+def test_precision_and_recall_count_every_label_not_cocos_top_100():
+    # COCOeval keeps the top 100 detections per image and category for its mAP; the pseudo-label
+    # set's precision counts all of them (one hit among 150 labels, not among 100).
+    gt = {"images": [{"id": 1, "width": 1000, "height": 1000}], "categories": [{"id": 1, "name": "person"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100,
+                           "iscrowd": 0}]}
+    labels = [det(1, 1, [0, 0, 10, 10], 0.9)] + [det(1, 1, [20 + 5 * k, 500, 4, 4], 0.5) for k in range(149)]
+    scores = evaluate_map(gt, labels)
+    assert scores["precision50"] == pytest.approx(1 / 150) and scores["recall50"] == 1.0
+    assert scores["map50"] == pytest.approx(1.0)  # the hit ranks first: COCO's own figure is unchanged
+
+
 def test_scenes_and_teachers_are_deterministic_and_respect_known_categories():
     gt = make_scenes(10, seed=7)
     assert gt == make_scenes(10, seed=7) and gt != make_scenes(10, seed=8)

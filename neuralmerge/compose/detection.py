@@ -477,6 +477,9 @@ def evaluate_map(ground_truth: dict[str, Any], detections: Sequence[dict[str, An
         gt.createIndex()
         predictions = gt.loadRes(evaluated)
         evaluator = COCOeval(gt, predictions, iouType="bbox")
+        # The match tables below keep the top maxDets[-1] detections per image and category; the
+        # mAP figures read maxDets = 100 by value, so a last, larger entry leaves them standard.
+        evaluator.params.maxDets = [1, 10, 100, max(101, len(evaluated))]
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
