@@ -77,6 +77,26 @@ def test_run_model_refuses_a_bad_file_in_one_line(example_build, tmp_path):
     assert done.returncode == 1 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1
 
 
+def test_run_model_refuses_bad_arguments_in_one_line(example_build, tmp_path):
+    # Each once ended otherwise: an uncaught exception (--lut, a directory: std::bad_alloc), a
+    # made-up answer (a misspelt input was filled with 0.5), or a silently truncated input file.
+    a, _ = hetero_pair(tmp_path)
+    model = tmp_path / "m.nmpack"
+    model.write_bytes(pack_model(neuralmerge.merge([a], r=4, codewords=16, quiet=True).model))
+    spec = Session(str(model)).inputs[0]
+    np.zeros((2, *spec.shape[1:]), np.float32).tofile(tmp_path / "two.f32")
+    for args, status, words in [
+        ([str(model), "--lut", "int4"], 2, "unknown lookup-table precision 'int4'"),
+        ([str(model), f"imgae={tmp_path / 'two.f32'}"], 1, "the model has no input 'imgae'"),
+        ([str(model), f"{spec.name}={tmp_path / 'two.f32'}"], 1, f"not the {int(np.prod(spec.shape[1:]))} float32"),
+        ([str(model), f"{spec.name}={tmp_path / 'none.f32'}"], 1, "cannot open"),
+        ([str(tmp_path)], 1, "is not a regular file"),
+    ]:
+        done = subprocess.run([str(example_build / "run_model"), *args], capture_output=True, text=True)
+        assert done.returncode == status and len(done.stderr.splitlines()) == 1, done.stderr
+        assert done.stderr.startswith("error: ") and words in done.stderr, done.stderr
+
+
 def test_econv_demo_matches_its_dense_reference(example_build):
     done = subprocess.run([str(example_build / "econv_demo")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

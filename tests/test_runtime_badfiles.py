@@ -343,6 +343,16 @@ def sanitized_loader() -> Path:
     return build / "nm_load_files"
 
 
+def test_worker_pool_runs_every_unit_once_under_changing_worker_counts(sanitized_loader):
+    """20 000 pool calls with 4 threads and 2-4 units (tests/cpp/pool_stress.cpp), under ASan+UBSan.
+    Before the pool's generation and worker count were read together, runs of 100 000 calls hung
+    or ran a unit twice (then crashed) within seconds."""
+    build = sanitized_loader.parent
+    subprocess.run(["cmake", "--build", str(build), "--target", "nm_pool_stress"], check=True, capture_output=True)
+    result = subprocess.run([str(build / "nm_pool_stress"), "20000"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout == "ok 20000\n", result.stdout + result.stderr[-3000:]
+
+
 def test_sanitized_cpp_loader_survives_mutations(packed, sanitized_loader, tmp_path):
     """The sanitized C++ loader loads and runs 150 mutated files: no crash, no sanitizer report."""
     rng = np.random.default_rng(1)

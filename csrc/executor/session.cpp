@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <exception>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <mutex>
@@ -729,6 +730,11 @@ Session Session::from_buffer(const void* data, size_t size, const SessionOptions
 }
 
 Session Session::from_file(const std::string& path, const SessionOptions& options) {
+    std::error_code error;
+    if (!std::filesystem::is_regular_file(path, error)) {  // an ifstream opens a directory, and its size is absurd
+        throw ModelError(std::filesystem::exists(path, error) ? "'" + path + "' is not a regular file"
+                                                              : "no such model file '" + path + "'");
+    }
     std::ifstream file(path, std::ios::binary | std::ios::ate);
     if (!file) throw ModelError("cannot open model file '" + path + "'");
     const std::streamoff end = file.tellg();

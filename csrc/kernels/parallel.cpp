@@ -70,12 +70,12 @@ class WorkerPool {
                 const int64_t id = static_cast<int64_t>(threads_.size()) + 1;
                 threads_.emplace_back([this, id] { serve(id); });
             }
-            // Published before the generation moves (release); read by helpers after they see it.
+            // Published before the ticket moves (release); read by helpers after they see it.
             job_.store(&fn, std::memory_order_relaxed);
             units_.store(units, std::memory_order_relaxed);
-            workers_.store(workers, std::memory_order_relaxed);
             pending_.store(workers - 1, std::memory_order_relaxed);
-            generation_.fetch_add(1, std::memory_order_release);
+            const uint64_t generation = (ticket_.load(std::memory_order_relaxed) >> 32) + 1;
+            ticket_.store(generation << 32 | static_cast<uint64_t>(workers), std::memory_order_release);
         }
         wake_.notify_all();
         {
@@ -95,25 +95,30 @@ class WorkerPool {
     static constexpr int64_t kCallerSpins = int64_t{1} << 16;
     static constexpr std::chrono::microseconds kSpin{200};
 
+    // A job's generation and worker count travel in one atomic ticket, so that a helper decides
+    // whether it is needed with the count of the generation it marks as seen. Read apart, a
+    // helper not needed for one job could read the next job's larger count before that job's
+    // generation, run the next job's units for it, then run them again as the new generation,
+    // and count itself done twice (units run twice or never; found by a stress test).
     void serve(int64_t id) {
         uint64_t seen = 0;
         for (;;) {
-            uint64_t now = generation_.load(std::memory_order_acquire);
+            uint64_t ticket = ticket_.load(std::memory_order_acquire);
             const auto deadline = std::chrono::steady_clock::now() + kSpin;
-            for (int64_t spins = 0; now == seen; ++spins) {
+            for (int64_t spins = 0; ticket >> 32 == seen; ++spins) {
                 if (spins % 256 == 0 && std::chrono::steady_clock::now() > deadline) break;
                 cpu_relax();
-                now = generation_.load(std::memory_order_acquire);
+                ticket = ticket_.load(std::memory_order_acquire);
             }
-            if (now == seen) {
+            if (ticket >> 32 == seen) {
                 std::unique_lock<std::mutex> lock(mutex_);
-                wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-                now = generation_.load(std::memory_order_acquire);
+                wake_.wait(lock, [&] { return ticket_.load(std::memory_order_acquire) >> 32 != seen; });
+                ticket = ticket_.load(std::memory_order_acquire);
             }
-            seen = now;
+            seen = ticket >> 32;
             // A helper needed for this generation is counted in pending_, so the next run()
             // cannot overwrite the job before it has finished with it.
-            const int64_t workers = workers_.load(std::memory_order_relaxed);
+            const auto workers = static_cast<int64_t>(ticket & 0xffffffffu);
             if (id >= workers) continue;  // not needed this time
             const auto* job = job_.load(std::memory_order_relaxed);
             const int64_t units = units_.load(std::memory_order_relaxed);
@@ -129,8 +134,8 @@ class WorkerPool {
     std::condition_variable wake_;
     std::vector<std::thread> threads_;
     std::atomic<const std::function<void(int64_t, int64_t)>*> job_{nullptr};
-    std::atomic<int64_t> units_{0}, workers_{0}, pending_{0};
-    std::atomic<uint64_t> generation_{0};
+    std::atomic<int64_t> units_{0}, pending_{0};
+    std::atomic<uint64_t> ticket_{0};  // generation << 32 | workers
 #if defined(__unix__)
     const pid_t owner_ = getpid();
 #endif

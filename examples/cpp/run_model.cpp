@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -27,7 +28,12 @@ int main(int argc, char** argv) {
     for (int i = 2; i < argc; ++i) {
         const std::string arg = argv[i];
         if (arg == "--lut" && i + 1 < argc) {
-            options.precision = neuralmerge::parse_precision(argv[++i]);
+            try {
+                options.precision = neuralmerge::parse_precision(argv[++i]);
+            } catch (const std::invalid_argument& e) {
+                std::fprintf(stderr, "error: %s\n", e.what());
+                return 2;
+            }
         } else if (arg == "--output" && i + 1 < argc) {
             outputs.emplace_back(argv[++i]);
         } else if (arg == "--profile" && i + 1 < argc) {
@@ -46,6 +52,14 @@ int main(int argc, char** argv) {
     }
     try {
         neuralmerge::Session session = neuralmerge::Session::from_file(argv[1], options);
+        for (const auto& [name, path] : files) {
+            bool known = false;
+            for (const neuralmerge::TensorInfo& input : session.inputs()) known |= input.name == name;
+            if (!known) {
+                std::fprintf(stderr, "error: the model has no input '%s'\n", name.c_str());
+                return 1;
+            }
+        }
         std::vector<std::vector<float>> data;
         std::vector<std::pair<std::string, neuralmerge::TensorView>> feeds;
         for (const neuralmerge::TensorInfo& input : session.inputs()) {
@@ -58,9 +72,17 @@ int main(int argc, char** argv) {
             std::vector<float> values(count, 0.5f);
             const auto file = files.find(input.name);
             if (file != files.end()) {
-                std::ifstream in(file->second, std::ios::binary);
-                if (!in.read(reinterpret_cast<char*>(values.data()), static_cast<std::streamsize>(count * sizeof(float)))) {
-                    std::fprintf(stderr, "error: %s does not hold %zu float32 values\n", file->second.c_str(), count);
+                std::ifstream in(file->second, std::ios::binary | std::ios::ate);
+                if (!in) {
+                    std::fprintf(stderr, "error: cannot open %s\n", file->second.c_str());
+                    return 1;
+                }
+                const std::streamoff bytes = in.tellg();  // exactly one input's floats, no more, no less
+                in.seekg(0);
+                if (bytes != static_cast<std::streamoff>(count * sizeof(float)) ||
+                    !in.read(reinterpret_cast<char*>(values.data()), static_cast<std::streamsize>(bytes))) {
+                    std::fprintf(stderr, "error: %s holds %lld bytes, not the %zu float32 values of input '%s'\n",
+                                 file->second.c_str(), static_cast<long long>(bytes), count, input.name.c_str());
                     return 1;
                 }
             }
@@ -87,7 +109,7 @@ int main(int argc, char** argv) {
                             node.name.c_str(), node.op.c_str(), node.kernel.empty() ? "" : "  ", node.kernel.c_str());
             }
         }
-    } catch (const std::exception& e) {  // ModelError, InputError or a bad --lut value
+    } catch (const std::exception& e) {  // ModelError, InputError
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;
     }

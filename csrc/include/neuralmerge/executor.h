@@ -81,6 +81,8 @@ class SessionImpl;
 /// run() is serialised by an internal mutex: one session may be shared by threads.
 class Session {
    public:
+    /// Both throw ModelError for a bad file and std::invalid_argument for options out of range
+    /// (threads outside [1, 1024]).
     static Session from_file(const std::string& path, const SessionOptions& options = {});
     /// Copies nothing it does not need: tensors are copied out of `data` during the call.
     static Session from_buffer(const void* data, size_t size, const SessionOptions& options = {});
