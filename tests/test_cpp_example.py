@@ -97,6 +97,29 @@ def test_run_model_refuses_bad_arguments_in_one_line(example_build, tmp_path):
         assert done.stderr.startswith("error: ") and words in done.stderr, done.stderr
 
 
+def test_an_installed_library_is_found_by_another_project(example_build, tmp_path):
+    # cmake --install puts the library, its headers and a CMake package in a prefix; a project of
+    # its own then finds it with find_package(neuralmerge) and links neuralmerge::lut.
+    prefix = tmp_path / "prefix"
+    subprocess.run(["cmake", "--install", str(example_build), "--prefix", str(prefix)], check=True, capture_output=True)
+    assert (prefix / "lib" / "cmake" / "neuralmerge" / "neuralmergeConfig.cmake").is_file()
+    project = tmp_path / "app"
+    project.mkdir()
+    (project / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\nproject(app LANGUAGES CXX)\nfind_package(neuralmerge 0.1 REQUIRED)\n"
+        f"add_executable(run_model {ROOT / 'examples' / 'cpp' / 'run_model.cpp'})\n"
+        "target_link_libraries(run_model PRIVATE neuralmerge::lut)\n")
+    for step in (["cmake", "-S", str(project), "-B", str(project / "build"), "-G", "Ninja", f"-DCMAKE_PREFIX_PATH={prefix}"],
+                 ["cmake", "--build", str(project / "build")]):
+        done = subprocess.run(step, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    a, _ = hetero_pair(tmp_path)
+    (tmp_path / "m.nmpack").write_bytes(pack_model(neuralmerge.merge([a], r=4, codewords=16, quiet=True).model))
+    done = subprocess.run([str(project / "build" / "run_model"), str(tmp_path / "m.nmpack")], capture_output=True,
+                          text=True)
+    assert done.returncode == 0 and "arg-max" in done.stdout, done.stderr
+
+
 def test_econv_demo_matches_its_dense_reference(example_build):
     done = subprocess.run([str(example_build / "econv_demo")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
