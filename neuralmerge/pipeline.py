@@ -234,7 +234,7 @@ def _search_encode_calibrate(p: Plan, data, cal: CalibrationSettings, heads: lis
     if data is not None:
         calibrator = Calibrator(p.models, merged, data, heads, cal, seed=seed, quiet=quiet, group=group)
         outcome = calibrator.fit(checkpoint)
-        outcome.int8_scales = calibrator.int8_scales()
+        outcome.int8_scales = calibrator.recorded_int8_scales()
         merged = outcome.model
         helper.set_model_props(merged, {**{q.key: q.value for q in merged.metadata_props},
                                         "neuralmerge.int8_scales": json.dumps(outcome.int8_scales)})

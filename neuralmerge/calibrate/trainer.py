@@ -114,6 +114,18 @@ class Calibrator:
 
     def fit(self, checkpoint: Checkpoint | None = None) -> CalibrationOutcome:
         """Train up to ``settings.epochs`` epochs (continuing a checkpoint's run if it has one)."""
+        # Several of torch's CPU backward ops (index_put_ / index_add_ accumulation) sum in an
+        # order that varies between runs on several threads; the int8 rounding of --int8-aware
+        # then magnified it to 4e-3 in the weights. Deterministic kernels make a seed's result
+        # reproducible, and a resumed run equal to an uninterrupted one.
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return self._fit(checkpoint)
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+
+    def _fit(self, checkpoint: Checkpoint | None) -> CalibrationOutcome:
         start = time.perf_counter()
         state = checkpoint.get("training") if checkpoint is not None else None
         if state is not None:
@@ -143,6 +155,7 @@ class Calibrator:
             raise CalibrationInterrupted(f"interrupted after {state['epoch']} of {self.settings.epochs} "
                                          f"calibration epochs{where}") from None
         self._load(state["best"])
+        self._measure_int8_ranges()  # the kept epoch's ranges, which its evaluation used (int8-aware)
         after = state["before"] if state["best_epoch"] == 0 else state["history"][state["best_epoch"] - 1]["fidelity"]
         return CalibrationOutcome(self.student.write_back(self.merged), state["before"], after, state["history"],
                                   state["best_epoch"], stopped_early, seconds=time.perf_counter() - start)
@@ -270,13 +283,21 @@ class Calibrator:
                 scales.update({tap.node: float(peak[j]) for j, tap in enumerate(m.view.taps)})
         return scales
 
+    def recorded_int8_scales(self) -> dict[str, float]:
+        """The activation ranges the file records: with int8-aware calibration the ones the kept
+        epoch was evaluated with, otherwise each E-layer input's max |value| in fp32."""
+        if self.settings.int8_aware:
+            return {node: float(layer.int8_peak) for node, layer in self._elayers.items()}
+        return self.int8_scales()
+
     def _measure_int8_ranges(self) -> None:
         """Int8-aware calibration: run the E-layers on the int8 table, with the activation ranges
-        the exported file will record (each input's own range while the first ones are measured)."""
+        the exported file will record, measured with each input's own range. Measured from the
+        parameters alone, never from the previous epoch's ranges: a resumed run (which has no
+        previous ranges) then repeats an uninterrupted one exactly."""
         if not self.settings.int8_aware:
             return
-        if any(layer.int8_peak is None for layer in self._elayers.values()):
-            self._simulate_int8({})
+        self._simulate_int8({})
         self._simulate_int8(self.int8_scales())
 
     def _simulate_int8(self, peaks: dict[str, float]) -> None:

@@ -105,7 +105,8 @@ class _Segments:
         self.width = int(rows.max())
         index = offsets.long()[:, None] + torch.arange(self.width)
         kept_rows = torch.arange(self.width)[None, :] < rows[:, None]
-        self.words = codebook.float()[index.clamp(max=codebook.shape[0] - 1)] * kept_rows[..., None]
+        picked = index.clamp(max=codebook.shape[0] - 1)  # index_select: a reproducible backward (modules.py)
+        self.words = codebook.float().index_select(0, picked.reshape(-1)).reshape(*picked.shape, r) * kept_rows[..., None]
         used = (torch.arange(rho)[:, None] * r + torch.arange(r)) < depth  # [rho, r]
         self.kept_rows = kept_rows
         self.used = used
