@@ -127,6 +127,13 @@ def test_soft_nms_linear_matches_hand_computation():
     np.testing.assert_allclose(scores, [0.9, 0.7, 0.8 * 0.2])
 
 
+def test_soft_nms_linear_decays_at_the_threshold_itself():
+    # Bodla et al.: s_i(1 - IoU) when IoU >= N_t. Two boxes at IoU exactly 0.5.
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 5]], dtype=np.float64)
+    kept, scores = soft_nms(boxes, np.array([0.9, 0.8]), "linear", iou_threshold=0.5)
+    assert kept.tolist() == [0, 1] and scores.tolist() == pytest.approx([0.9, 0.4])
+
+
 def test_soft_nms_gaussian_matches_hand_computation():
     kept, scores = soft_nms(BOXES, SCORES, "gaussian", sigma=0.5)
     c = 0.7 * math.exp(-(1 / 3) ** 2 / 0.5)

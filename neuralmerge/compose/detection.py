@@ -123,7 +123,7 @@ def soft_nms(
     """Soft-NMS (Bodla et al. 2017): returns (kept indices in selection order, their decayed scores).
 
     Repeatedly keep the highest-scoring remaining box M and decay every other remaining box b:
-    ``linear``: s *= 1 - IoU(M, b) when IoU(M, b) > iou_threshold; ``gaussian``: s *= exp(-IoU² / sigma);
+    ``linear``: s *= 1 - IoU(M, b) when IoU(M, b) >= iou_threshold (Bodla's N_t); ``gaussian``: s *= exp(-IoU² / sigma);
     ``none``: no decay. Boxes whose score drops below ``score_threshold`` are discarded.
     """
     # Hand-written: torchvision only has hard NMS (and the project may not depend on it), and no
@@ -145,7 +145,7 @@ def soft_nms(
         remaining = remaining[remaining != best]
         overlap = iou[best, remaining]
         if method == "linear":
-            decay = np.where(overlap > iou_threshold, 1.0 - overlap, 1.0)
+            decay = np.where(overlap >= iou_threshold, 1.0 - overlap, 1.0)
         else:
             decay = np.exp(-(overlap**2) / sigma)
         current[remaining] *= decay
