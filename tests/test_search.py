@@ -42,7 +42,10 @@ class _FakeCalibrator:
     fits: list = []
 
     def __init__(self, teachers, merged, data, heads, settings, **kwargs):
-        self.bytes, self.calibrated = merged, False
+        self.bytes, self.calibrated, self.measured = merged, False, False
+
+    def measure_int8_ranges(self):  # with --int8-aware, every candidate is scored on the int8 tables
+        self.measured = True
 
     def fit(self):
         _FakeCalibrator.fits.append(self.bytes)
@@ -50,6 +53,7 @@ class _FakeCalibrator:
 
 
 def _fake_drop(calibrator) -> float:
+    assert calibrator.measured  # an uncalibrated candidate too (it was scored in fp32 under --int8-aware)
     return 100 * 1e6 / calibrator.bytes / (2 if calibrator.calibrated else 1)
 
 

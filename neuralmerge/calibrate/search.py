@@ -91,6 +91,7 @@ def search(groups: list[Group], teachers: list[onnx.ModelProto], data: list[Cali
             s = ordered[k]
             calibrator = Calibrator(teachers, build(g, s), data, heads, proxy, seed=seed, quiet=True,
                                     train_limit=PROXY_SAMPLES, group=group, desc=f"search {g.name}")
+            calibrator.measure_int8_ranges()  # with --int8-aware, score every candidate on the int8 tables
             drop = fidelity_drop(calibrator)
             calibrated = drop > share   # an encoding that already fits needs no calibration
             if calibrated:

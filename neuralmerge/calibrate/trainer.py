@@ -130,9 +130,9 @@ class Calibrator:
         state = checkpoint.get("training") if checkpoint is not None else None
         if state is not None:
             state = self._restore(state)
-            self._measure_int8_ranges()
+            self.measure_int8_ranges()
         else:
-            self._measure_int8_ranges()
+            self.measure_int8_ranges()
             before = self.evaluate()
             state = {**new_state(best_key=self._key(before), best=self._snapshot()), "step": 0, "before": before}
             if checkpoint is not None:
@@ -140,7 +140,7 @@ class Calibrator:
         total_steps = self.settings.epochs * self._steps_per_epoch()
 
         def measure() -> tuple[dict, tuple]:
-            self._measure_int8_ranges()
+            self.measure_int8_ranges()
             fidelity = self.evaluate()
             return {"fidelity": fidelity}, self._key(fidelity)
 
@@ -155,7 +155,7 @@ class Calibrator:
             raise CalibrationInterrupted(f"interrupted after {state['epoch']} of {self.settings.epochs} "
                                          f"calibration epochs{where}") from None
         self._load(state["best"])
-        self._measure_int8_ranges()  # the kept epoch's ranges, which its evaluation used (int8-aware)
+        self.measure_int8_ranges()  # the kept epoch's ranges, which its evaluation used (int8-aware)
         after = state["before"] if state["best_epoch"] == 0 else state["history"][state["best_epoch"] - 1]["fidelity"]
         return CalibrationOutcome(self.student.write_back(self.merged), state["before"], after, state["history"],
                                   state["best_epoch"], stopped_early, seconds=time.perf_counter() - start)
@@ -290,7 +290,7 @@ class Calibrator:
             return {node: float(layer.int8_peak) for node, layer in self._elayers.items()}
         return self.int8_scales()
 
-    def _measure_int8_ranges(self) -> None:
+    def measure_int8_ranges(self) -> None:
         """Int8-aware calibration: run the E-layers on the int8 table, with the activation ranges
         the exported file will record, measured with each input's own range. Measured from the
         parameters alone, never from the previous epoch's ranges: a resumed run (which has no
