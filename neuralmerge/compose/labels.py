@@ -164,7 +164,6 @@ def _fixed_point(step, start: np.ndarray, iterations: int, method: str) -> np.nd
     return x
 
 
-
 def estimate_sd(outputs: TeacherOutputs, active: np.ndarray) -> np.ndarray:
     """Naive distillation: undefined classes count as 0 and q is the mean of the padded p_i (argmin of eq. 1)."""
     return _normalise_rows((outputs.probs * active[:, :, None]).sum(axis=1))

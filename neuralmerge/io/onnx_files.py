@@ -85,7 +85,7 @@ def _umask() -> int:
 
 
 def check_output_path(path: str | os.PathLike, *, force: bool) -> None:
-    """Refuse to overwrite without ``force``; require an existing folder we can create files in."""
+    """Refuse to overwrite without ``force`` and require an existing parent folder."""
     if not str(path):
         raise NeuralMergeError("an output path is empty")
     path = Path(path)
@@ -95,21 +95,23 @@ def check_output_path(path: str | os.PathLike, *, force: bool) -> None:
         raise NeuralMergeError(f"output {path} is a directory")
     if not path.parent.is_dir():
         raise NeuralMergeError(f"output folder {path.parent} does not exist")
-    try:  # the only sure test (permissions, read-only or virtual file systems): create a file there
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as exc:
-        raise NeuralMergeError(f"cannot write to folder {path.parent}: {exc.strerror}") from None
 
 
 def check_output_paths(outputs, inputs=(), *, force: bool) -> None:
-    """``check_output_path`` for every output given (``None`` skipped), before any work is done;
-    no output may be another output or one of ``inputs`` (a model, a report or data overwritten)."""
+    """Before any work is done: ``check_output_path`` for every output given (``None`` skipped),
+    and a file created in its folder; no output may be another output or one of ``inputs`` (a
+    model, a report or data overwritten)."""
     seen: dict[str, str] = {}
     for out in outputs:
         if out is None:
             continue
         check_output_path(out, force=force)
+        folder = Path(out).parent
+        try:  # the only sure test (permissions, read-only or virtual file systems): create a file there
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            raise NeuralMergeError(f"cannot write to folder {folder}: {exc.strerror}") from None
         key = os.path.realpath(out)
         if key in seen:
             raise NeuralMergeError(f"two outputs name the same file: {seen[key]} and {out}")
