@@ -170,6 +170,16 @@ def test_transpose_of_a_scalar():
     np.testing.assert_allclose(Session(pack_model(model)).run({"x": x})["y"], [x.sum()], rtol=1e-5)
 
 
+def test_reshape_allowzero():
+    # torch's dynamo exporter writes allowzero=1 on every view: without a 0 in the target it is
+    # an ordinary Reshape; with one it asks for an empty tensor, which is refused.
+    x = rand(2, 3, 4)
+    node = helper.make_node("Reshape", ["x", "shape"], ["y"], allowzero=1)
+    check(node, {"x": x}, {"shape": ints([2, -1])}, opset=14)
+    check(node, {"x": x}, {"shape": ints([4, 3, 2])}, opset=14)
+    refused(node, {"x": x}, {"shape": ints([0, -1])}, 14, "allowzero=1", "empty tensor")
+
+
 @pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
 @pytest.mark.parametrize("pads", [[0, 0, 1, 2, 0, 0, 2, 1], [0, 1, 0, 0, 0, 0, 2, 3], [0, 0, -1, 1, 0, 0, 2, -2]])
 def test_pad_modes_opset_13(mode, pads):

@@ -48,7 +48,10 @@ class ViewOp : public Op {
             }
             case ViewKind::kReshape: {
                 const std::vector<int64_t>& target = known_ints(in, 1);
-                require(node_.attr_int("allowzero", 0) == 0, "allowzero=1 is not supported");
+                // allowzero=1 (torch's dynamo exporter writes it on every view) differs only where
+                // the target holds a 0: a literal empty dimension, which this runtime has no use for.
+                require(node_.attr_int("allowzero", 0) == 0 || std::find(target.begin(), target.end(), 0) == target.end(),
+                        "allowzero=1 with a 0 in the target shape (an empty tensor) is not supported");
                 Dims out(target.begin(), target.end());
                 int64_t infer_at = -1, known = 1;
                 for (size_t i = 0; i < out.size(); ++i) {
