@@ -72,7 +72,9 @@ def normalize(model: onnx.ModelProto, *, opset: int | None = None,
     _fold_batchnorm(model.graph)
     _resolve_conv_padding(model, label)
     _remove_unused_initializers(model.graph)
-    return shape_inference.infer_shapes(model)
+    model = shape_inference.infer_shapes(model)
+    _check_layer_inputs(model, label)
+    return model
 
 
 def _check_finite(model: onnx.ModelProto, label: str) -> None:
@@ -138,6 +140,11 @@ def _pin_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
             if len(given) != len(dims):
                 raise ConfigError(f"--input-shape {vi.name}: {label} expects rank {len(dims)}, got {len(given)}")
             for k, (d, g) in enumerate(zip(dims, given)):
+                if g is None:  # N: the batch as the model has it
+                    if not d.HasField("dim_value") and not d.dim_param:
+                        d.Clear()
+                        d.dim_param = "N"
+                    continue
                 if d.HasField("dim_value") and d.dim_value != g:  # the graph's other shapes assume it
                     raise ConfigError(f"--input-shape {vi.name}: dimension {k} of {label} is fixed at "
                                       f"{d.dim_value}, not {g}")
@@ -224,14 +231,22 @@ def _resolve_conv_padding(model: onnx.ModelProto, label: str) -> None:
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             vi = shapes.get(node.input[0])
             dims = [d.dim_value if d.HasField("dim_value") else 0 for d in vi.type.tensor_type.shape.dim] if vi else []
-            spatial = dims[2:] if len(dims) == nd + 2 else []
-            if not spatial or min(spatial) <= 0:
-                raise ModelLoadError(f"{label}: Conv '{node.name}' uses auto_pad={auto_pad} but its input shape "
-                                     "is unknown; pin it with --input-shape")
+            spatial = dims[2:] if len(dims) == nd + 2 else [0] * nd
+            # At stride 1 the padding is (k - 1) * dilation whatever the size; only strided axes
+            # need the size, which shape inference loses after a computed Pad or Resize.
+            unknown = [k for k in range(nd) if strides[k] > 1 and spatial[k] <= 0]
+            if unknown:
+                raise ModelLoadError(
+                    f"{label}: Conv '{node.name}' uses auto_pad={auto_pad} with stride {strides[unknown[0]]}, which "
+                    "needs its input's spatial size, and shape inference cannot tell it (pin dynamic model inputs "
+                    "with --input-shape; a size computed inside the model cannot be pinned: re-export with explicit pads)")
             pads = [0] * 2 * nd
             for k in range(nd):
-                out = math.ceil(spatial[k] / strides[k])
-                total = max((out - 1) * strides[k] + (kernel[k] - 1) * dilations[k] + 1 - spatial[k], 0)
+                if strides[k] == 1:
+                    total = (kernel[k] - 1) * dilations[k]
+                else:
+                    out = math.ceil(spatial[k] / strides[k])
+                    total = max((out - 1) * strides[k] + (kernel[k] - 1) * dilations[k] + 1 - spatial[k], 0)
                 small = total // 2
                 pads[k], pads[k + nd] = (small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small)
         elif auto_pad == "VALID":
@@ -244,6 +259,34 @@ def _resolve_conv_padding(model: onnx.ModelProto, label: str) -> None:
             helper.make_attribute("dilations", dilations),
             helper.make_attribute("group", int(attrs.get("group", 1))),
         ])
+
+
+def _check_layer_inputs(model: onnx.ModelProto, label: str) -> None:
+    """A Conv or Gemm/MatMul whose weight does not fit its input's known channel or feature count:
+    onnx's checker and shape inference let it pass, and onnxruntime fails only when run."""
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    dims = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input):
+        shape = vi.type.tensor_type.shape
+        dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        x, w = dims.get(node.input[0]), weights[node.input[1]]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv" and x and len(x) > 1 and x[1] and len(w) > 1:
+            want, what = w[1] * int(attrs.get("group", 1)), "input channels"
+            have = x[1]
+        elif node.op_type == "Gemm" and x and len(x) == 2 and x[1 - int(attrs.get("transA", 0))] and len(w) == 2:
+            want, what = w[1] if attrs.get("transB", 0) else w[0], "input features"
+            have = x[1 - int(attrs.get("transA", 0))]
+        elif node.op_type == "MatMul" and x and x[-1] and len(w) >= 2:
+            want, what, have = w[-2], "input features", x[-1]
+        else:
+            continue
+        if want != have:
+            raise ModelLoadError(f"{label}: {node.op_type} '{node.name}' expects {want} {what} (weight "
+                                 f"{'x'.join(map(str, w))}) but its input '{node.input[0]}' has {have}")
 
 
 def _remove_unused_initializers(graph: onnx.GraphProto) -> None:

@@ -38,7 +38,7 @@ def ort_session(model: "str | os.PathLike | bytes | onnx.ModelProto", threads: i
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: the caller reports every error in one line of its own
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     elif not isinstance(model, bytes):
