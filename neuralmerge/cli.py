@@ -15,18 +15,20 @@ from .cli_support import SEED, user_errors
 from .errors import ConfigError
 
 
-def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    """``NAME=1x3x224x224`` (repeatable) -> {name: shape}."""
+def parse_input_shapes(values: tuple[str, ...]) -> dict[str, tuple[int | None, ...]]:
+    """``NAME=1x3x224x224`` (repeatable) -> {name: shape}; a first entry ``N`` (None) keeps the
+    model's batch dimension as it is, dynamic or fixed."""
     shapes = {}
     for value in values:
         name, sep, dims = value.rpartition("=")
+        entries = dims.lower().split("x")
         try:
-            shape = tuple(int(d) for d in dims.lower().split("x"))
+            shape = tuple(None if k == 0 and d in ("n", "?") else int(d) for k, d in enumerate(entries))
         except ValueError:
             shape = ()
-        if not sep or not name or not shape or min(shape) < 1:
-            raise ConfigError(f"--input-shape {value!r}: expected NAME=DxDx... with positive integers, "
-                              "e.g. input=1x3x224x224")
+        if not sep or not name or not shape or min((d for d in shape if d is not None), default=1) < 1:
+            raise ConfigError(f"--input-shape {value!r}: expected NAME=DxDx... with positive integers (N for a "
+                              "batch kept as the model has it), e.g. input=1x3x224x224 or input=Nx3x224x224")
         shapes[name] = shape
     return shapes
 
@@ -41,7 +43,8 @@ _encoding_options = [
     click.option("--compress-heads/--keep-heads", default=None,
                  help="Also encode each model's final classification layer(s) (default: keep them dense)."),
     click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3xHxW",
-                 help="Pin a dynamic input shape (repeatable; use the merged name, e.g. m1.x, where names collide)."),
+                 help="Pin a dynamic input shape (repeatable; use the merged name, e.g. m1.x, where names collide; "
+                      "a first entry N keeps the batch as the model has it, e.g. x=Nx3x64x64)."),
 ]
 
 

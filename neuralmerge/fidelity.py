@@ -14,12 +14,13 @@ def random_inputs(specs: list[TensorSpec], samples: int, rng: np.random.Generato
                   pinned: list[TensorSpec] | None = None) -> dict[str, np.ndarray]:
     """Standard-normal float inputs (zeros for integer inputs) shaped as ``pinned`` says where given
     (the inputs with ``--input-shape`` applied, which the merged model takes); a dynamic batch
-    becomes ``samples``."""
+    becomes ``samples``, and so does a batch every input fixes (measure_fidelity runs it in chunks)."""
     pinned_shapes = {spec.name: spec.shape for spec in pinned or []}
+    shapes = [pinned_shapes.get(spec.name, spec.shape) for spec in specs]
+    fixed_batch = _common_batch(shapes) is not None
     feeds = {}
-    for spec in specs:
-        shape = tuple(samples if (k == 0 and d is None) else d
-                      for k, d in enumerate(pinned_shapes.get(spec.name, spec.shape)))
+    for spec, spec_shape in zip(specs, shapes):
+        shape = tuple(samples if (k == 0 and (d is None or fixed_batch)) else d for k, d in enumerate(spec_shape))
         if None in shape:
             raise NeuralMergeError(f"input '{spec.name}' has a dynamic dimension: pin it with --input-shape")
         if np.issubdtype(spec.dtype, np.floating):
@@ -46,13 +47,14 @@ def compare_outputs(reference: np.ndarray, merged: np.ndarray) -> dict:
 
 def measure_fidelity(originals: list[onnx.ModelProto], merged: onnx.ModelProto, names: list[dict[str, str]], *,
                      samples: int = 16, seed: int = 0, inputs: list[dict[str, np.ndarray]] | None = None,
-                     pinned: list[list[TensorSpec]] | None = None) -> list[dict]:
+                     pinned: list[list[TensorSpec]] | None = None, labels: list[str] | None = None) -> list[dict]:
     """Run each original and the merged model on the same inputs; per model, aggregate over its outputs.
 
     ``names[i]`` maps model i's original input/output names to their names in the merged graph.
     ``inputs[i]`` (optional) gives model i's feeds by original input name; otherwise random inputs,
     sized by ``pinned[i]`` (the inputs with ``--input-shape`` applied) where the original's are dynamic.
-    A model exported with a fixed batch runs its samples that many at a time.
+    A model exported with a fixed batch runs its samples that many at a time. ``labels`` name the
+    models in errors (a source model onnxruntime cannot run is a NeuralMergeError).
     """
     rng = np.random.default_rng(seed)
     feeds = [inputs[i] if inputs else random_inputs(input_specs(m), samples, rng, pinned[i] if pinned else None)
@@ -63,8 +65,17 @@ def measure_fidelity(originals: list[onnx.ModelProto], merged: onnx.ModelProto, 
         sess = ort_session(model)
         out_names = [o.name for o in sess.get_outputs()]
         ref_parts, merged_parts = [], []
-        for chunk, count in _batches(feeds[i], _fixed_batch(sess)):
-            ref_parts.append([r[:count] for r in sess.run(None, chunk)])
+        # The batch the original fixes or, for a dynamic one, what --input-shape pinned it to.
+        batch = _common_batch(meta.shape for meta in sess.get_inputs())
+        if batch is None and pinned and not inputs:
+            batch = _common_batch(spec.shape for spec in pinned[i])
+        for chunk, count in _batches(feeds[i], batch):
+            try:
+                reference = sess.run(None, chunk)
+            except Exception as exc:  # onnxruntime's errors are untyped
+                label = labels[i] if labels else f"model {i}"
+                raise NeuralMergeError(f"{label} fails in onnxruntime: {str(exc).strip().splitlines()[0]}") from None
+            ref_parts.append([r[:count] for r in reference])
             got = run_merged_model(merged_sess, names[i], chunk)
             merged_parts.append([got[n][:count] for n in out_names])
         per_output = {}
@@ -83,9 +94,10 @@ def measure_fidelity(originals: list[onnx.ModelProto], merged: onnx.ModelProto, 
     return results
 
 
-def _fixed_batch(session: ort.InferenceSession) -> int | None:
-    """The batch size every input of ``session`` fixes (torch.onnx.export fixes 1 unless told not to)."""
-    first = {meta.shape[0] if meta.shape and isinstance(meta.shape[0], int) else None for meta in session.get_inputs()}
+def _common_batch(shapes) -> int | None:
+    """The batch size all of these input shapes fix, if they agree on one (torch.onnx.export
+    fixes 1 unless told not to)."""
+    first = {shape[0] if shape and isinstance(shape[0], int) else None for shape in shapes}
     return first.pop() if len(first) == 1 else None
 
 

@@ -188,7 +188,7 @@ def merge(models: list, output: str | os.PathLike | None = None, *, config=None,
         if fidelity_inputs is None and data is not None:
             fidelity_inputs = [{d.input_name: d.x[m.holdout[:FIDELITY_MAX]]} for d, m in zip(data, calibrator.models)]
         fidelity = measure_fidelity(p.originals, merged, p.names, samples=fidelity_samples, seed=seed,
-                                    inputs=fidelity_inputs, pinned=[input_specs(m) for m in p.models])
+                                    inputs=fidelity_inputs, pinned=[input_specs(m) for m in p.models], labels=p.sources)
         out_bytes = merged.ByteSize()
         if output is not None:
             out_bytes = save_model_atomic(merged, output, force=force)
@@ -371,9 +371,17 @@ def _shapes_per_model(shapes: dict[str, tuple[int, ...]], originals: list[onnx.M
         for i, mapping in enumerate(names):
             for original in inputs[i]:
                 if key in (original, mapping[original]):
-                    per_model[i][original] = tuple(int(d) for d in shape)
+                    per_model[i][original] = _pinned_shape(key, shape)
                     hit = True
         if not hit:
             known = sorted({names[i][n] for i, model_inputs in enumerate(inputs) for n in model_inputs})
             raise ConfigError(f"--input-shape: no model input is named {key!r} (inputs: {', '.join(known)})")
     return per_model
+
+
+def _pinned_shape(name: str, shape) -> tuple[int | None, ...]:
+    """An ``--input-shape`` entry as ints; None (``N``) only first: the batch kept as the model has it."""
+    dims = tuple(shape)
+    if not dims or any(d is None for d in dims[1:]) or any(d is not None and int(d) < 1 for d in dims):
+        raise ConfigError(f"--input-shape {name}: expected positive dimensions (None/N only for the batch), got {dims}")
+    return tuple(None if d is None else int(d) for d in dims)

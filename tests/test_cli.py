@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -209,7 +210,16 @@ def test_pinned_dynamic_height_and_width_merge(tmp_path):
     assert_one_line_error(cli("merge", source, "-o", out), "--input-shape")
     proc = cli("merge", source, "-o", out, "--input-shape", "x=1x3x8x8", "--report", tmp_path / "r.json", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "r.json").read_text())["fidelity"][0]["samples"] == 1
+    assert json.loads((tmp_path / "r.json").read_text())["fidelity"][0]["samples"] == 16  # one at a time
+    assert [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim] == [1, 3, 8, 8]
+    # N keeps the batch as the model has it: dynamic here.
+    proc = cli("merge", source, "-o", out, "--input-shape", "x=Nx3x8x8", "--force", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    dims = onnx.load(out).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 8, 8]
+    x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    assert ort.InferenceSession(str(out)).run(None, {"x": x})[0].shape == (3, 4, 8, 8)
+    assert_one_line_error(cli("merge", source, "-o", out, "--force", "--input-shape", "x=1xNx8x8"), "--input-shape")
 
 
 def test_demo_refuses_a_folder_below_a_file(tmp_path):

@@ -247,6 +247,13 @@ def test_fixed_batch_models_calibrate_and_count_top1_on_class_scores_only(tmp_pa
     result = neuralmerge.merge([source], tmp_path / "m.onnx", calib=[tmp_path / "calib.npy"],
                                calibration={"epochs": 1}, quiet=True)
     assert result.report["fidelity"][0]["samples"] == 4  # the held-out tenth, run one by one
+    # Without calibration data, as many random samples as for a dynamic batch, in chunks (the
+    # last one padded for a batch of 3).
+    for batch in (1, 3):
+        fixed = _small_cnn(tmp_path / f"batch{batch}.onnx", batch=batch)
+        plain = neuralmerge.merge([fixed], tmp_path / f"p{batch}.onnx", quiet=True, force=True)
+        assert plain.report["fidelity"][0]["samples"] == 16
+        assert plain.report["fidelity"][0]["relative_error"] < 0.2
     features = np.random.default_rng(2).standard_normal((4, 8, 6, 6))
     assert "top1_agreement" not in compare_outputs(features, features + 0.1)
     assert compare_outputs(features[:, :, 0, 0], features[:, :, 0, 0])["top1_agreement"] == 1.0
