@@ -10,7 +10,9 @@
 // Arguments: element type (int8|fp16|fp32), segments, codewords per segment, table row length in
 // elements, kernel size, padded input width, output channels, pixel blocks, repetitions. Prints
 // the median nanoseconds per run of 64 pixels. `build COUNT` instead times the table build's
-// instructions (vpdpbusd for int8, vfmadd231ps for the others, and the int8 narrowing; below).
+// instructions (vpdpbusd for int8, vfmadd231ps for the others, and the int8 narrowing; below)
+// and the sums' adds (vaddps, vpaddw), alone and mixed half and half with vfmadd231ps: a mix
+// no faster per instruction than either alone means the adds and the FMAs share their ports.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -87,7 +89,7 @@ __attribute__((noinline)) void sum_wide(const Elem* table, const int32_t* first,
 
 // Throughput of the table build's instruction on 512-bit registers, 12 independent sums held in
 // registers (unrolled: kept in an array, the sums went through the stack and the loop timed
-// store forwarding instead). Returns ns per instruction.
+// store forwarding instead). step(sum, j) advances sum j. Returns ns per instruction.
 template <typename Acc, typename Step>
 __attribute__((noinline)) double throughput_ns(long count, Acc start, Step step) {
     Acc acc[12];
@@ -95,7 +97,7 @@ __attribute__((noinline)) double throughput_ns(long count, Acc start, Step step)
     const auto begin = std::chrono::steady_clock::now();
     for (long i = 0; i < count; ++i) {
 #pragma GCC unroll 12
-        for (int j = 0; j < 12; ++j) acc[j] = step(acc[j]);
+        for (int j = 0; j < 12; ++j) acc[j] = step(acc[j], j);
     }
     const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - begin).count();
     volatile char sink = reinterpret_cast<const char*>(acc)[0];
@@ -104,19 +106,26 @@ __attribute__((noinline)) double throughput_ns(long count, Acc start, Step step)
 }
 
 int main(int argc, char** argv) {
-    if (argc == 3 && !std::strcmp(argv[1], "build")) {  // ns per vpdpbusd, vfmadd231ps, 16 entries narrowed
+    if (argc == 3 && !std::strcmp(argv[1], "build")) {
+        // ns per vpdpbusd, vfmadd231ps, 16 entries narrowed, vaddps, vpaddw, and per instruction
+        // of a half-vaddps, half-vfmadd231ps mix
         const long count = std::atol(argv[2]);
         const __m512i x = _mm512_set1_epi32(0x01010101), w = _mm512_set1_epi32(0x01020304);
         const __m512 y = _mm512_set1_ps(0.999f), z = _mm512_set1_ps(0.001f);
-        const double dot = throughput_ns(count, _mm512_set1_epi32(1), [&](__m512i a) { return _mm512_dpbusd_epi32(a, x, w); });
-        const double fma = throughput_ns(count, _mm512_set1_ps(1.0f), [&](__m512 a) { return _mm512_fmadd_ps(a, y, z); });
+        const double dot = throughput_ns(count, _mm512_set1_epi32(1), [&](__m512i a, int) { return _mm512_dpbusd_epi32(a, x, w); });
+        const double fma = throughput_ns(count, _mm512_set1_ps(1.0f), [&](__m512 a, int) { return _mm512_fmadd_ps(a, y, z); });
         // The int8 build's narrowing of 16 int32 sums: to float, times the requantisation factor,
         // rounded back, and a quarter of the byte packing of 64 entries (one pack per 16).
         const __m512 factor = _mm512_set1_ps(0.01f);
-        const double narrow = throughput_ns(count, _mm512_set1_epi32(1000), [&](__m512i a) {
+        const double narrow = throughput_ns(count, _mm512_set1_epi32(1000), [&](__m512i a, int) {
             return _mm512_packs_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(a), factor)), a);
         });
-        std::printf("%.4f %.4f %.4f\n", dot, fma, narrow);
+        const double add = throughput_ns(count, _mm512_set1_ps(1.0f), [&](__m512 a, int) { return _mm512_add_ps(a, z); });
+        const double addw = throughput_ns(count, _mm512_set1_epi16(1), [&](__m512i a, int) { return _mm512_add_epi16(a, x); });
+        const double mix = throughput_ns(count, _mm512_set1_ps(1.0f), [&](__m512 a, int j) {
+            return j % 2 ? _mm512_add_ps(a, z) : _mm512_fmadd_ps(a, y, z);
+        });
+        std::printf("%.4f %.4f %.4f %.4f %.4f %.4f\n", dot, fma, narrow, add, addw, mix);
         return 0;
     }
     if (argc != 10) {

@@ -96,11 +96,11 @@ def ns_per_run(binary: Path, g: Geometry, kind: str, codewords: int, reps: int) 
     return float(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
 
 
-def build_ns(binary: Path) -> tuple[float, float, float]:
-    """ns per vpdpbusd, per vfmadd231ps (512-bit) and per 16 int8 entries narrowed, throughput-bound."""
+def build_ns(binary: Path) -> tuple[float, ...]:
+    """Throughput-bound ns per vpdpbusd, per vfmadd231ps (512-bit), per 16 int8 entries narrowed,
+    per vaddps, per vpaddw, and per instruction of a half-vaddps, half-vfmadd231ps mix."""
     out = subprocess.run([str(binary), "build", "20000000"], check=True, capture_output=True, text=True).stdout
-    dot, fma, narrow = map(float, out.split())
-    return dot, fma, narrow
+    return tuple(map(float, out.split()))
 
 
 def layer_timers(g: Geometry, reps: int):
@@ -152,11 +152,14 @@ def report(g: Geometry, binary: Path, rounds: int, reps: int) -> None:
     # r/16-lane fp32 FMAs per 16 entries (fp32, fp16: the fp16 table is built in fp32), or r/4
     # products per vpdpbusd lane (int8), whose int32 sums are then narrowed to int8 (to float,
     # times the requantisation factor, rounded, packed). Its arithmetic alone, added to the sum
-    # alone, estimates the whole layer's floor: the build's instructions and the sum's adds all
-    # issue on the same two 512-bit ports of this core.
-    dot_ns, fma_ns, narrow_ns = (float(np.median([b[i] for b in builds])) for i in (0, 1, 2))
+    # alone, estimates the whole layer's floor when the build's instructions and the sum's adds
+    # issue on the same ports, as the mixed adds and FMAs below show they do on Intel cores (on
+    # AMD Zen 4/5 adds have pipes of their own beside the FMA pipes).
+    dot_ns, fma_ns, narrow_ns, add_ns, addw_ns, mix_ns = (float(np.median([b[i] for b in builds])) for i in range(6))
     print(f"\nTable build arithmetic ({g.entries} entries of r = {g.r}): vpdpbusd {dot_ns:.3f} ns, vfmadd231ps "
           f"{fma_ns:.3f} ns each (512-bit, throughput-bound); int8 narrowing {narrow_ns:.3f} ns per 16 entries")
+    print(f"The sums' adds: vaddps {add_ns:.3f} ns, vpaddw {addw_ns:.3f} ns each; half vaddps, half vfmadd231ps "
+          f"{mix_ns:.3f} ns per instruction ({'the same ports as the FMAs' if mix_ns > 0.8 * min(add_ns, fma_ns) else 'ports of their own'})")
     print("| table | build instructions | build alone, us | sum + build, us | ORT fp32 / that "
           "| the same with sums at L1 speed | target |")
     print("|---|---:|---:|---:|---:|---:|---:|")
