@@ -72,3 +72,12 @@ def test_a_weight_that_does_not_fit_its_input_is_refused(op, x_shape, w_shape, a
     with pytest.raises(ModelLoadError) as info:
         normalize(model, label="bad.onnx")
     assert str(info.value).startswith("bad.onnx: ") and words in str(info.value)
+
+
+def test_an_input_with_an_empty_dimension_is_named_as_such():
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 0, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ModelLoadError, match=r"input 'x' of m.onnx declares dimension 2 as 0 \(an empty tensor\)"):
+        normalize(model, label="m.onnx")

@@ -154,6 +154,8 @@ def _pin_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]
         for k, d in enumerate(dims):
             if d.HasField("dim_value") and d.dim_value > 0:
                 continue
+            if d.HasField("dim_value"):
+                raise ModelLoadError(f"input '{vi.name}' of {label} declares dimension {k} as {d.dim_value} (an empty tensor)")
             if k == 0:  # a dynamic batch dimension is fine everywhere; keep its name if it has one
                 if not d.dim_param:
                     d.Clear()
