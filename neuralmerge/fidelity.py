@@ -67,7 +67,7 @@ def measure_fidelity(originals: list[onnx.ModelProto], merged: onnx.ModelProto, 
         ref_parts, merged_parts = [], []
         # The batch the original fixes or, for a dynamic one, what --input-shape pinned it to.
         batch = _common_batch(meta.shape for meta in sess.get_inputs())
-        if batch is None and pinned and not inputs:
+        if batch is None and pinned:
             batch = _common_batch(spec.shape for spec in pinned[i])
         for chunk, count in _batches(feeds[i], batch):
             try:

@@ -254,6 +254,34 @@ def test_fixed_batch_models_calibrate_and_count_top1_on_class_scores_only(tmp_pa
         plain = neuralmerge.merge([fixed], tmp_path / f"p{batch}.onnx", quiet=True, force=True)
         assert plain.report["fidelity"][0]["samples"] == 16
         assert plain.report["fidelity"][0]["relative_error"] < 0.2
+    # A dynamic batch pinned to 1 with --input-shape: the merged model takes one sample at a time.
+    dynamic = _small_cnn(tmp_path / "dynamic.onnx")
+    pinned = neuralmerge.merge([dynamic], tmp_path / "pinned.onnx", calib=[tmp_path / "calib.npy"],
+                               input_shapes={"x": (1, 3, 4, 4)}, calibration={"epochs": 1}, quiet=True)
+    assert pinned.report["fidelity"][0]["samples"] == 4
     features = np.random.default_rng(2).standard_normal((4, 8, 6, 6))
     assert "top1_agreement" not in compare_outputs(features, features + 0.1)
     assert compare_outputs(features[:, :, 0, 0], features[:, :, 0, 0])["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(calibration={"epoch": 5}), "unknown calibration setting(s) 'epoch'"),
+    (dict(calibration=[("epochs", 1)]), "calibration must be a dict"),
+    (dict(seed=-5), "seed must be a non-negative integer"),
+    (dict(seed=1.5), "seed must be a non-negative integer"),
+    (dict(budget="1"), "--budget must be a percentage"),
+    (dict(budget=float("nan")), "--budget must be a percentage"),
+])
+def test_api_arguments_are_checked_before_any_work(tmp_path, kwargs, words, monkeypatch):
+    # As the command line's: a ConfigError naming the argument, before any group is encoded.
+    import neuralmerge.pipeline as pipeline
+
+    def no_encoding(*args, **kw):
+        raise AssertionError("encoded before checking the arguments")
+
+    monkeypatch.setattr(pipeline, "_encode_artifacts", no_encoding)
+    source = _small_cnn(tmp_path / "s.onnx")
+    with pytest.raises(neuralmerge.errors.ConfigError) as info:
+        neuralmerge.merge([source], tmp_path / "m.onnx", quiet=True, **kwargs)
+    assert words in str(info.value)
+    assert not (tmp_path / "m.onnx").exists()
