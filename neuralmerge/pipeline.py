@@ -149,6 +149,14 @@ def merge(models: list, output: str | os.PathLike | None = None, *, config=None,
     every process trains its share and only rank 0 writes (other ranks get ``report = None``).
     """
     group = distributed.current()
+    # The API's arguments are checked as the command line's are, before any work.
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not 0 < budget <= 100):  # NaN fails the comparison too
+        raise ConfigError(f"--budget must be a percentage in (0, 100], got {budget!r}")
+    if calibration is not None and not isinstance(calibration, dict):
+        raise ConfigError(f"calibration must be a dict of settings, got {type(calibration).__name__}")
     sources = [path for path in [*models, *(calib or [])] if isinstance(path, (str, os.PathLike))]
     check_output_paths([output, report], sources, force=force)
     start = time.perf_counter()
@@ -159,8 +167,6 @@ def merge(models: list, output: str | os.PathLike | None = None, *, config=None,
     if data is None and (budget is not None or resume):
         raise ConfigError(f"{'--budget' if budget is not None else '--resume'} needs calibration data "
                           "(--calib, once per model)")
-    if budget is not None and (isinstance(budget, bool) or not 0 < budget <= 100):
-        raise ConfigError(f"--budget must be a percentage in (0, 100], got {budget}")
     if data is not None and report is not None:  # a calibrated merge also writes the report's .md and plots
         check_output_paths([output, report, *companion_paths(report).values()], sources, force=force)
     checkpoint = None

@@ -98,6 +98,10 @@ class CalibrationSettings:
     def with_overrides(self, **flags) -> "CalibrationSettings":
         """A copy with every non-None flag applied and checked."""
         merged = CalibrationSettings(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        unknown = sorted(set(flags) - set(self.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"unknown calibration setting(s) {', '.join(map(repr, unknown))}; "
+                              f"known: {', '.join(k for k in self.__dataclass_fields__ if k != 'data')}")
         for key, value in flags.items():
             if value is not None:
                 setattr(merged, key, _check_calibration_value(key, value, f"--{key.replace('_', '-')}"))

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers_models import ZOO, build_model, export_zoo_model, run_ort, sample_input
 from neuralmerge.encode.modules import EConv2d, ELinear
-from neuralmerge.errors import ModelLoadError, UnsupportedOpError
+from neuralmerge.errors import ModelLoadError, NeuralMergeError, UnsupportedOpError
 from neuralmerge.graph.importer import OnnxModule, import_onnx
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -436,6 +436,11 @@ def test_write_back_keeps_fp16_initializers_fp16():
     np.testing.assert_array_equal(numpy_helper.to_array(stored), param.detach().numpy().astype(np.float16))
     expected = run_ort(written.SerializeToString(), feeds)[0]
     np.testing.assert_allclose(_torch_outputs(module, feeds, ["y"])[0], expected, rtol=RTOL, atol=ATOL)
+    # Trained past float16's range, the value would be written as inf: refused, naming it.
+    with torch.no_grad():
+        param[0, 0] = 7e4
+    with pytest.raises(NeuralMergeError, match="initializer 'w16' now holds values up to 70000, beyond float16's range"):
+        module.write_back(model)
 
 
 # ---------------------------------------------------------------- ai.neuralmerge E-layers (docs/format.md)

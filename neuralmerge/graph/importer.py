@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import numpy as np
 import onnx
 import onnx.inliner
 import torch
@@ -228,7 +229,12 @@ class OnnxModule(nn.Module):
                 raise NeuralMergeError(f"initializer '{proto.name}' has shape {list(proto.dims)} in the model "
                                        f"but {list(value.shape)} in the module")
             np_dtype = onnx.helper.tensor_dtype_to_np_dtype(proto.data_type)
-            array = value.to(torch.float64).numpy().astype(np_dtype)
+            wide = value.to(torch.float64).numpy()
+            with np.errstate(over="ignore"):
+                array = wide.astype(np_dtype)
+            if not np.isfinite(array).all() and np.isfinite(wide).all():  # e.g. a float16 codebook trained past 65504
+                raise NeuralMergeError(f"initializer '{proto.name}' now holds values up to {np.abs(wide).max():.6g}, "
+                                       f"beyond {np.dtype(np_dtype).name}'s range")
             proto.CopyFrom(numpy_helper.from_array(array, proto.name))
         return result
 
