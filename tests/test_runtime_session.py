@@ -417,6 +417,10 @@ def test_cli_run_computes_the_outputs_its_inputs_feed(merged, tmp_path):
     assert result.exit_code == 1
     assert result.output == "error: the given inputs compute no output: m0.logits needs m0.input (--input NAME=FILE.npy)\n"
     assert not (tmp_path / "none.npz").exists()
+    # A misspelt name alone is named as such, not as an input that computes nothing.
+    result = runner.invoke(run_cmd, [str(tmp_path / "m.onnx"), "--input", f"m0.image={tmp_path / 'x.npy'}"])
+    assert result.exit_code == 1
+    assert result.output == "error: unknown input 'm0.image'; the model's inputs are: m0.input, m1.input\n"
 
 
 def test_calibrated_int8_ranges_are_used_as_quantisation_steps(tmp_path):

@@ -86,6 +86,10 @@ def run_cmd(model, inputs, outputs, lut, threads, out_path, force):
 
 def _computable_outputs(session, feeds: dict) -> list[str]:
     """The outputs whose inputs are all fed: a merged model's tasks run from their own inputs alone."""
+    known = [spec.name for spec in session.inputs]
+    unknown = [name for name in feeds if name not in known]
+    if unknown:  # before "computes nothing", which would hide the misspelt name
+        raise ConfigError(f"unknown input '{unknown[0]}'; the model's inputs are: {', '.join(known)}")
     outputs = [spec.name for spec in session.outputs]
     computable = [name for name in outputs if set(session.inputs_needed(name)) <= set(feeds)]
     if not computable:
