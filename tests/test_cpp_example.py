@@ -87,7 +87,7 @@ def test_run_model_refuses_bad_arguments_in_one_line(example_build, tmp_path):
     np.zeros((2, *spec.shape[1:]), np.float32).tofile(tmp_path / "two.f32")
     for args, status, words in [
         ([str(model), "--lut", "int4"], 2, "unknown lookup-table precision 'int4'"),
-        ([str(model), f"imgae={tmp_path / 'two.f32'}"], 1, "the model has no input 'imgae'"),
+        ([str(model), f"imgae={tmp_path / 'two.f32'}"], 1, f"the model has no input 'imgae' (its inputs: {spec.name})"),
         ([str(model), f"{spec.name}={tmp_path / 'two.f32'}"], 1, f"not the {int(np.prod(spec.shape[1:]))} float32"),
         ([str(model), f"{spec.name}={tmp_path / 'none.f32'}"], 1, "cannot open"),
         ([str(tmp_path)], 1, "is not a regular file"),

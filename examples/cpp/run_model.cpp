@@ -54,9 +54,13 @@ int main(int argc, char** argv) {
         neuralmerge::Session session = neuralmerge::Session::from_file(argv[1], options);
         for (const auto& [name, path] : files) {
             bool known = false;
-            for (const neuralmerge::TensorInfo& input : session.inputs()) known |= input.name == name;
+            std::string names;
+            for (const neuralmerge::TensorInfo& input : session.inputs()) {
+                known |= input.name == name;
+                names += (names.empty() ? "" : ", ") + input.name;
+            }
             if (!known) {
-                std::fprintf(stderr, "error: the model has no input '%s'\n", name.c_str());
+                std::fprintf(stderr, "error: the model has no input '%s' (its inputs: %s)\n", name.c_str(), names.c_str());
                 return 1;
             }
         }
