@@ -22,11 +22,14 @@ import neuralmerge
 from neuralmerge.zoo.architectures import LeNet
 from neuralmerge.zoo.train import export_onnx
 
+from _cli import check_outputs, write_text  # benchmarks/_cli.py, beside this script
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
+    check_outputs([args.json])
     torch.manual_seed(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,7 +53,7 @@ def main() -> None:
         print(f"| {r['preset']} | {r['codebook_dtype']} | {r['settings']} | {r['input_bytes']:,} | "
               f"{r['output_bytes']:,} | {r['compression_ratio']:.2f}× | {r['encode_seconds']:.1f} |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        write_text(args.json, json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from neuralmerge.compose.detection import TeacherPredictions, aggregate_detections, evaluate_map  # noqa: E402
 from neuralmerge.zoo.scenes import DEFAULT_CATEGORIES, make_scenes, simulate_teacher  # noqa: E402
 
+from _cli import check_outputs, number, positive_int, write_text  # noqa: E402  (benchmarks/_cli.py)
+
 CATEGORY_IDS = [c["id"] for c in DEFAULT_CATEGORIES]
 NAMES = {c["id"]: c["name"] for c in DEFAULT_CATEGORIES}
 # person (1) is known by every expert, as in the paper's Table 2; the rest overlap partially.
@@ -83,15 +85,16 @@ def markdown(title: str, rows: dict[str, list[dict]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5, help="number of seeds (scenes and teachers), ≥ 5 for the table")
-    parser.add_argument("--images", type=int, default=500, help="synthetic images per seed")
-    parser.add_argument("--score-threshold", type=float, default=0.3, help="filtering threshold of rows (b)–(f)")
-    parser.add_argument("--jitter", type=float, default=0.05)
-    parser.add_argument("--miss-rate", type=float, default=0.2)
-    parser.add_argument("--false-positive-rate", type=float, default=0.5, help="expected false positives per image per teacher")
-    parser.add_argument("--score-noise", type=float, default=0.15)
+    parser.add_argument("--seeds", type=positive_int, default=5, help="number of seeds (scenes and teachers), ≥ 5 for the table")
+    parser.add_argument("--images", type=positive_int, default=500, help="synthetic images per seed")
+    parser.add_argument("--score-threshold", type=number(float, 0, 1), default=0.3, help="filtering threshold of rows (b)–(f)")
+    parser.add_argument("--jitter", type=number(float, 0), default=0.05)
+    parser.add_argument("--miss-rate", type=number(float, 0, 1), default=0.2)
+    parser.add_argument("--false-positive-rate", type=number(float, 0), default=0.5, help="expected false positives per image per teacher")
+    parser.add_argument("--score-noise", type=number(float, 0), default=0.15)
     parser.add_argument("--json", type=Path, help="write per-seed figures and the settings here")
     args = parser.parse_args()
+    check_outputs([args.json])
 
     teacher_kwargs = dict(jitter=args.jitter, miss_rate=args.miss_rate,
                           false_positive_rate=args.false_positive_rate, score_noise=args.score_noise)
@@ -108,8 +111,8 @@ def main() -> None:
         print(markdown(f"{title} — {args.images} images × {len(seeds)} seeds", rows), end="\n\n", flush=True)
     print(f"({time.perf_counter() - started:.0f} s)")
     if args.json:
-        args.json.write_text(json.dumps({"settings": {**vars(args), "json": str(args.json), **teacher_kwargs},
-                                         "scenarios": results}, indent=1))
+        write_text(args.json, json.dumps({"settings": {**vars(args), "json": str(args.json), **teacher_kwargs},
+                                          "scenarios": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import numpy as np
 from neuralmerge.encode.kmeans import encode_group
 from neuralmerge.graph.layers import Layer
 
+from _cli import positive_int  # benchmarks/_cli.py, beside this script
+
 LENET = [  # (name, kind, weight shape, r, C)
     ("conv1", "conv", (32, 1, 5, 5), 1, 64),
     ("conv2", "conv", (64, 32, 5, 5), 8, 128),
@@ -54,9 +56,9 @@ def encode_all(groups, label: str | None = None) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lenet-runs", type=int, default=3)
+    parser.add_argument("--lenet-runs", type=positive_int, default=3)
     parser.add_argument("--skip-vgg", action="store_true")
-    parser.add_argument("--threads", type=int, default=faiss.omp_get_max_threads())
+    parser.add_argument("--threads", type=positive_int, default=faiss.omp_get_max_threads())
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
     print(f"faiss {faiss.__version__}, {args.threads} thread(s), nredo=3, niter=25 (encode_group defaults)")

@@ -31,6 +31,8 @@ from neuralmerge.runtime.bench import benchmark, format_benchmark  # noqa: E402
 from neuralmerge.zoo.architectures import LeNet  # noqa: E402
 from neuralmerge.zoo.train import export_onnx  # noqa: E402
 
+from _cli import check_outputs, positive_int, write_text  # noqa: E402  (benchmarks/_cli.py)
+
 
 class ZFNet(nn.Module):
     """ZF-Net (Zeiler & Fergus 2014): 96@7x7/2, 256@5x5/2, 384, 384, 256 @3x3, fc 4096, 4096."""
@@ -90,11 +92,13 @@ def build_pair(name: str, folder: Path) -> tuple[Path, list[Path]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=["lenet", "vgg-zf"])
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--repeat", type=int, default=200)
+    parser.add_argument("--threads", nargs="+", type=positive_int, default=[1, 2])
+    parser.add_argument("--repeat", type=positive_int, default=200)
     parser.add_argument("--out", type=Path, default=Path("bench-e2e"))
     parser.add_argument("--profile", action="store_true", help="also time every node of the merged model")
     args = parser.parse_args()
+    check_outputs([args.out / "end_to_end.json", args.out / "end_to_end.md"],
+                  folders=[args.out, *(args.out / pair for pair in args.pairs)])
 
     results, report = {}, ["# End-to-end latency (batch 1)", ""]
     for pair in args.pairs:
@@ -115,8 +119,8 @@ def main() -> None:
                       "peak RSS <= 2x file + 50 MB": lenet["peak_rss"]["peak_bytes"] <= rss_limit}
             report += ["LeNet targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in checks.items()), ""]
             print(report[-2], flush=True)
-    (args.out / "end_to_end.json").write_text(json.dumps(results, indent=2))
-    (args.out / "end_to_end.md").write_text("\n".join(report))
+    write_text(args.out / "end_to_end.json", json.dumps(results, indent=2))
+    write_text(args.out / "end_to_end.md", "\n".join(report))
     print(f"wrote {args.out / 'end_to_end.json'} and {args.out / 'end_to_end.md'}", file=sys.stderr)
 
 

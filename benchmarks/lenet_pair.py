@@ -8,11 +8,13 @@ third model (LeNet on shapes) merged with the pair (Table 7: the pair re-merged 
 model, compared with the pair), and the ``--budget`` search on the pair.
 
     python benchmarks/lenet_pair.py [--epochs 3] [--calib-samples N] [--budget 1.0] [--json out.json]
-                                    [--workdir DIR]
+                                    [--workdir DIR] [--skip single three budget]
 
 Markdown tables go to stdout. Trained models and calibration arrays are kept in ``--workdir`` and
 reused when present. Calibration uses each task's training images, or a seeded subset of N per
-task (``--calib-samples``: faster, noisier); torch runs on 2 threads.
+task (``--calib-samples``: faster, noisier); torch runs on 2 threads. ``--skip`` leaves out parts
+after the pair's table: ``single`` (Table 3, each model alone), ``three`` (Table 7; the shapes
+LeNet is then not trained) and ``budget`` (the ``--budget`` search).
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ from neuralmerge.zoo.architectures import LeNet  # noqa: E402
 from neuralmerge.zoo.datasets import digits32, shapes, sound20  # noqa: E402
 from neuralmerge.zoo.train import export_onnx, onnx_accuracy, train_classifier  # noqa: E402
 
+from _cli import check_outputs, number, positive_int, write_text  # noqa: E402  (benchmarks/_cli.py)
+
 TASKS = {  # name -> (dataset factory, training epochs, input name, output name)
     "image": (lambda: digits32(seed=0), 4, "image", "digit_logits"),
     "sound": (lambda: sound20(seed=0), 8, "spectrogram", "sound_logits"),
@@ -40,10 +44,12 @@ TASKS = {  # name -> (dataset factory, training epochs, input name, output name)
 }
 
 
-def prepare(workdir: Path, calib_samples: int | None = None) -> dict:
-    """Train (or reuse) the three LeNets; write their ONNX files and unlabeled calibration arrays."""
+def prepare(workdir: Path, names: list[str], calib_samples: int | None = None) -> dict:
+    """Train (or reuse) the LeNets of the tasks ``names``; write their ONNX files and unlabeled
+    calibration arrays."""
     tasks = {}
-    for name, (make, epochs, in_name, out_name) in TASKS.items():
+    for name in names:
+        make, epochs, in_name, out_name = TASKS[name]
         ds = make()
         path, calib = workdir / f"{name}.onnx", workdir / f"{name}_calib{calib_samples or ''}.npy"
         if not path.is_file():
@@ -105,17 +111,20 @@ def pct(x: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--calib-samples", type=int, default=None, help="calibration images per task (default: all)")
-    parser.add_argument("--budget", type=float, default=1.0)
+    parser.add_argument("--epochs", type=positive_int, default=3)
+    parser.add_argument("--calib-samples", type=positive_int, default=None, help="calibration images per task (default: all)")
+    parser.add_argument("--budget", type=number(float, 0, 100, exclusive=True), default=1.0)
     parser.add_argument("--workdir", type=Path, default=Path("runs/lenet_pair"))
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["single", "three", "budget"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["single", "three", "budget"],
+                        help="parts to leave out: single (Table 3), three (Table 7, and training the shapes "
+                             "LeNet), budget (the --budget search)")
     args = parser.parse_args()
+    check_outputs([args.json], folders=[args.workdir])  # creates the workdir
     torch.set_num_threads(2)
-    args.workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    all_tasks = prepare(args.workdir, args.calib_samples)
+    all_tasks = prepare(args.workdir, ["image", "sound"] + ([] if "three" in args.skip else ["shapes"]),
+                        args.calib_samples)
     pair = [all_tasks["image"], all_tasks["sound"]]
     results: dict = {"train_seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
 
@@ -174,7 +183,7 @@ def main() -> None:
     results["total_seconds"] = round(time.perf_counter() - start, 1)
     print(f"\ntotal {results['total_seconds']} s (torch threads {results['threads']})")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_text(args.json, json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

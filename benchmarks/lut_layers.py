@@ -18,7 +18,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,7 +32,10 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 from neuralmerge.runtime.kernels import EConv, EGemm, cpu_features
 
+from _cli import check_outputs, cpu_name, non_negative_int, number, positive_int, write_text  # benchmarks/_cli.py
+
 LUTS = ("fp32", "fp16", "int16", "int8")
+ROUNDS = 5  # the timed calls are split into rounds, interleaving the variants
 
 
 @dataclass(frozen=True)
@@ -152,10 +154,9 @@ def bench_layer(layer: Layer, threads: int, reps: int, warmup: int) -> dict:
     timings: dict[str, list[float]] = {name: [] for name in ("ort-fp32", "ort-int8", *LUTS)}
     runners = {"ort-fp32": lambda: ort_fp32.run(None, {"x": x}), "ort-int8": lambda: ort_int8.run(None, {"x": x}),
                **{lut: (lambda layer_=ours[lut]: layer_(x)) for lut in LUTS}}
-    rounds = 5
-    for _ in range(rounds):
+    for _ in range(ROUNDS):
         for name, fn in runners.items():
-            timings[name].append(median_us(fn, max(reps // rounds, 1), warmup))
+            timings[name].append(median_us(fn, reps // ROUNDS, warmup))
     row["us"] = {name: float(np.median(values)) for name, values in timings.items()}
     row["ratio"] = {name: row["us"]["ort-fp32"] / us for name, us in row["us"].items()}
     return row
@@ -180,13 +181,14 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=300, help="timed calls per variant (default 300)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed calls before each timed batch")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--reps", type=number(int, ROUNDS), default=300, help="timed calls per variant (default 300)")
+    parser.add_argument("--warmup", type=non_negative_int, default=10, help="untimed calls before each timed batch")
+    parser.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2])
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    check_outputs([args.json])
 
-    print(f"CPU: {platform.processor() or platform.machine()}; kernel features: {cpu_features()}")
+    print(f"CPU: {cpu_name()}; kernel features: {cpu_features()}")
     print(f"onnxruntime {ort.__version__}, numpy {np.__version__}, OPENBLAS_CORETYPE="
           f"{os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
     pools = threadpoolctl.threadpool_info()
@@ -196,7 +198,7 @@ def main() -> None:
     rows = [bench_layer(layer, threads, args.reps, args.warmup) for threads in args.threads for layer in LAYERS]
     print(markdown(rows))
     if args.json:
-        args.json.write_text(json.dumps(dict(cpu_features=cpu_features(), threadpools=pools, rows=rows), indent=2))
+        write_text(args.json, json.dumps(dict(cpu_features=cpu_features(), threadpools=pools, rows=rows), indent=2))
 
 
 if __name__ == "__main__":

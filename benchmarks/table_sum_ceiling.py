@@ -25,7 +25,6 @@ layer's floor, with the sums at L2 speed and, optimistically, at L1 speed.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lut_layers  # noqa: E402  (the per-layer benchmark: the same layer and ORT set-up)
 
-from neuralmerge.runtime.kernels import EConv  # noqa: E402
+from neuralmerge.runtime.kernels import EConv, cpu_features  # noqa: E402
+
+from _cli import cpu_name, positive_int  # noqa: E402  (benchmarks/_cli.py)
 
 SOURCE = Path(__file__).with_suffix(".cpp")
 BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
@@ -179,12 +180,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layer", nargs="+", choices=sorted(GEOMETRIES), default=["lenet", "vgg28"],
                         help="layer geometries to time (default: both)")
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds; medians are reported")
-    parser.add_argument("--reps", type=int, default=300, help="timed calls per case and round")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="alternating rounds; medians are reported")
+    parser.add_argument("--reps", type=positive_int, default=300, help="timed calls per case and round")
     args = parser.parse_args()
     if "avx512bw" not in Path("/proc/cpuinfo").read_text():
         sys.exit("error: this script times the AVX-512 loops; the CPU lacks AVX-512BW")
-    print(f"CPU: {platform.processor() or platform.machine()}")
+    print(f"CPU: {cpu_name()}; kernel features: {cpu_features()}")
     with tempfile.TemporaryDirectory() as tmp:
         binary = compile_loop(Path(tmp))
         for name in args.layer:

@@ -26,6 +26,8 @@ from neuralmerge.zoo.architectures import LeNet
 from neuralmerge.zoo.datasets import digits32
 from neuralmerge.zoo.train import evaluate, predict_logits, train_classifier
 
+from _cli import non_negative_int, number, positive_int  # benchmarks/_cli.py, beside this script
+
 # (name, method, balance, backprop)
 METHODS = [("sd", "sd", False, False), ("sd-bs", "sd", True, False), ("ce", "ce", False, False),
            ("ce-bs", "ce", True, False), ("mf-p", "mf-p", False, False), ("mf-lf", "mf-lf", False, False),
@@ -89,16 +91,20 @@ def trial(seed: int, args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--union", type=int, default=7)
-    parser.add_argument("--teachers-min", type=int, default=5)
-    parser.add_argument("--teachers-max", type=int, default=10)
-    parser.add_argument("--size", type=int, default=16)
-    parser.add_argument("--augment", type=int, default=1)
-    parser.add_argument("--teacher-epochs", type=int, default=20)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--temperature", type=float, default=3.0)
+    parser.add_argument("--seeds", type=positive_int, default=5)
+    parser.add_argument("--union", type=number(int, 5, 10), default=7)  # a teacher may know 5 classes of it
+    parser.add_argument("--teachers-min", type=positive_int, default=5)
+    parser.add_argument("--teachers-max", type=positive_int, default=10)
+    parser.add_argument("--size", type=number(int, 4), default=16)  # LeNet pools twice by 2
+    parser.add_argument("--augment", type=non_negative_int, default=1)
+    parser.add_argument("--teacher-epochs", type=positive_int, default=20)
+    parser.add_argument("--epochs", type=positive_int, default=20)
+    parser.add_argument("--temperature", type=number(float, 0, exclusive=True), default=3.0)
     args = parser.parse_args()
+    if args.teachers_max < args.teachers_min:
+        parser.error("--teachers-max must be >= --teachers-min")
+    if 5 * args.teachers_min < args.union:  # teachers know at most 5 classes each: the draw would never end
+        parser.error(f"--teachers-min must be >= {-(-args.union // 5)} for --union {args.union}")
     torch.set_num_threads(1)  # shared machine
     start = time.time()
     results = []
