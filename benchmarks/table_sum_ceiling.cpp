@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <utility>
 #include <vector>
 
 constexpr int kPrefetchTerms = 8;
@@ -40,6 +41,74 @@ inline void prefetch_run(const Elem* run_start) {
     prefetch_line(run + kBytes - 1);  // the line an unaligned run spills into
 }
 
+// The table build's arithmetic interleaved with the sum, compiled in with -DBUILD_FMAS=N (fp32,
+// fp16: N vfmadd231ps per term of two channels) or -DBUILD_DOTS=N -DBUILD_NARROWS=M (int8: N
+// vpdpbusd and M narrowings): how much of the build the sum's load stalls could hide, were the
+// next strip's table built while this one is summed. Each term also stores one result to an
+// L2-sized scratch table, as a build stores its entries.
+#ifndef BUILD_FMAS
+#define BUILD_FMAS 0
+#endif
+#ifndef BUILD_DOTS
+#define BUILD_DOTS 0
+#endif
+#ifndef BUILD_NARROWS
+#define BUILD_NARROWS 0
+#endif
+constexpr size_t kScratchFloats = size_t{1} << 18;  // 1 MB
+alignas(64) static float scratch[kScratchFloats];
+static size_t scratch_at = 0;
+
+// Eight independent sums, named (GCC stored an array of them to the stack on every term).
+#define EIGHT_SUMS(V)                                                                 \
+    V s0, s1, s2, s3, s4, s5, s6, s7;                                                 \
+    template <int F>                                                                  \
+    V& at() {                                                                         \
+        if constexpr (F % 8 == 0) return s0; else if constexpr (F % 8 == 1) return s1; \
+        else if constexpr (F % 8 == 2) return s2; else if constexpr (F % 8 == 3) return s3; \
+        else if constexpr (F % 8 == 4) return s4; else if constexpr (F % 8 == 5) return s5; \
+        else if constexpr (F % 8 == 6) return s6; else return s7;                     \
+    }
+struct FloatSums { EIGHT_SUMS(__m512) };
+struct IntSums { EIGHT_SUMS(__m512i) };
+
+template <int... F>
+inline void fmas(FloatSums& sums, std::integer_sequence<int, F...>) {
+    const __m512 x = _mm512_set1_ps(1e-20f), w = _mm512_set1_ps(0.5f);
+    ((sums.at<F>() = _mm512_fmadd_ps(x, w, sums.at<F>())), ...);
+}
+
+template <int... F>
+inline void dots(IntSums& sums, std::integer_sequence<int, F...>) {
+    const __m512i x = _mm512_set1_epi32(0x01010101), w = _mm512_set1_epi32(0x01020304);
+    ((sums.at<F>() = _mm512_dpbusd_epi32(sums.at<F>(), x, w)), ...);
+}
+
+template <int... F>
+inline void narrowings(IntSums& sums, std::integer_sequence<int, F...>) {
+    // As in `build` below: 16 entries to float, scaled, rounded, packed, and stored as 16 bytes.
+    const __m512 factor = _mm512_set1_ps(0.01f);
+    const auto narrow = [&](const __m512i& sum) {
+        const __m512i packed = _mm512_packs_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), factor)), sum);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(scratch + scratch_at), _mm512_castsi512_si128(packed));
+        scratch_at = (scratch_at + 4) & (kScratchFloats - 1);
+    };
+    (narrow(sums.at<F>()), ...);
+}
+
+inline void build_fp32(FloatSums& sums) {
+    fmas(sums, std::make_integer_sequence<int, BUILD_FMAS>{});
+    if (BUILD_FMAS) {
+        _mm512_storeu_ps(scratch + scratch_at, sums.s0);
+        scratch_at = (scratch_at + 16) & (kScratchFloats - 1);
+    }
+}
+
+inline void build_int8(IntSums& sums) {
+    dots(sums, std::make_integer_sequence<int, BUILD_DOTS>{});
+    narrowings(sums, std::make_integer_sequence<int, BUILD_NARROWS>{});
+}
+
 template <typename Elem>
 inline void prefetch_ahead(const Elem* table, const int32_t* first, const int32_t* second, int k, int terms) {
     const int ahead = std::min(k + kPrefetchTerms, terms - 1);
@@ -50,8 +119,11 @@ inline void prefetch_ahead(const Elem* table, const int32_t* first, const int32_
 __attribute__((noinline)) void sum_int8(const uint8_t* table, const int32_t* first, const int32_t* second, int terms,
                                         __m512i* out) {
     __m512i words0 = _mm512_setzero_si512(), high0 = words0, words1 = words0, high1 = words0;
+    const __m512i zero = _mm512_setzero_si512();
+    IntSums build{zero, zero, zero, zero, zero, zero, zero, zero};
     for (int k = 0; k < terms; ++k) {
         prefetch_ahead(table, first, second, k, terms);
+        build_int8(build);
         const __m512i a = _mm512_loadu_si512(table + first[k]);
         words0 = _mm512_add_epi16(words0, a);
         high0 = _mm512_add_epi16(high0, _mm512_srli_epi16(a, 8));
@@ -61,6 +133,9 @@ __attribute__((noinline)) void sum_int8(const uint8_t* table, const int32_t* fir
     }
     out[0] = _mm512_add_epi16(words0, high0);
     out[1] = _mm512_add_epi16(words1, high1);
+    for (const __m512i& b : {build.s0, build.s1, build.s2, build.s3, build.s4, build.s5, build.s6, build.s7}) {
+        out[0] = _mm512_add_epi32(out[0], b);  // keeps the build alive
+    }
 }
 
 inline __m512 load_lanes(const uint16_t* p) {
@@ -71,20 +146,32 @@ inline __m512 load_lanes(const float* p) { return _mm512_loadu_ps(p); }
 template <typename Elem>
 __attribute__((noinline)) void sum_wide(const Elem* table, const int32_t* first, const int32_t* second, int terms,
                                         __m512* out) {
-    __m512 acc[2][4];
-    for (auto& channel : acc) {
-        for (__m512& lanes : channel) lanes = _mm512_setzero_ps();
-    }
+    // Named sums, not an array: GCC kept an array of them in registers but also stored every
+    // one to the stack on every term (the runtime's loop, at -O3 in templates, does not).
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    FloatSums build{a0, a0, a0, a0, a0, a0, a0, a0};
     for (int k = 0; k < terms; ++k) {
         prefetch_ahead(table, first, second, k, terms);
+        build_fp32(build);
         const Elem* a = table + first[k];
         const Elem* b = table + second[k];
-        for (int i = 0; i < 4; ++i) {
-            acc[0][i] = _mm512_add_ps(acc[0][i], load_lanes(a + 16 * i));
-            acc[1][i] = _mm512_add_ps(acc[1][i], load_lanes(b + 16 * i));
-        }
+        a0 = _mm512_add_ps(a0, load_lanes(a));
+        b0 = _mm512_add_ps(b0, load_lanes(b));
+        a1 = _mm512_add_ps(a1, load_lanes(a + 16));
+        b1 = _mm512_add_ps(b1, load_lanes(b + 16));
+        a2 = _mm512_add_ps(a2, load_lanes(a + 32));
+        b2 = _mm512_add_ps(b2, load_lanes(b + 32));
+        a3 = _mm512_add_ps(a3, load_lanes(a + 48));
+        b3 = _mm512_add_ps(b3, load_lanes(b + 48));
     }
-    for (int i = 0; i < 4; ++i) out[i] = _mm512_add_ps(acc[0][i], acc[1][i]);
+    out[0] = _mm512_add_ps(a0, b0);
+    out[1] = _mm512_add_ps(a1, b1);
+    out[2] = _mm512_add_ps(a2, b2);
+    out[3] = _mm512_add_ps(a3, b3);
+    out[0] = _mm512_add_ps(out[0], _mm512_add_ps(build.s0, build.s1));  // keeps the build alive
+    out[1] = _mm512_add_ps(out[1], _mm512_add_ps(build.s2, build.s3));
+    out[2] = _mm512_add_ps(out[2], _mm512_add_ps(build.s4, build.s5));
+    out[3] = _mm512_add_ps(out[3], _mm512_add_ps(build.s6, build.s7));
 }
 
 // Throughput of the table build's instruction on 512-bit registers, 12 independent sums held in

@@ -81,13 +81,16 @@ GEOMETRIES = {
 }
 
 
-def compile_loop(folder: Path) -> Path:
+def compile_loop(folder: Path, **build_per_term: int) -> Path:
+    """The loops, with ``build_per_term`` (BUILD_FMAS, BUILD_DOTS, BUILD_NARROWS) of the table
+    build's instructions interleaved into every term of the sums."""
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
         sys.exit("error: no C++ compiler (c++, g++ or clang++) on PATH")
-    binary = folder / "table_sum_ceiling"
-    subprocess.run([compiler, "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mf16c", "-o", str(binary), str(SOURCE)],
-                   check=True)
+    binary = folder / ("table_sum_ceiling" + "".join(f"_{k}{v}" for k, v in sorted(build_per_term.items())))
+    defines = [f"-D{k}={v}" for k, v in build_per_term.items()]
+    subprocess.run([compiler, "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mf16c", *defines, "-o", str(binary),
+                    str(SOURCE)], check=True)
     return binary
 
 
@@ -120,9 +123,24 @@ def layer_timers(g: Geometry, reps: int):
     return timers
 
 
-def report(g: Geometry, binary: Path, rounds: int, reps: int) -> None:
+def build_counts(g: Geometry) -> dict[str, float]:
+    """The smallest table's build instructions per term of two channels (one loop iteration) of
+    the whole layer's sums: every entry of T[segment][codeword][padded pixel] is an r-long dot
+    product, r/16-lane fp32 FMAs per 16 entries (fp32, fp16: the fp16 table is built in fp32) or
+    r/4 products per vpdpbusd lane (int8), whose int32 sums are then narrowed to int8."""
+    iterations = g.runs / 2
+    return {"fmas": g.entries * g.r / 16 / iterations, "dots": g.entries * g.r / 64 / iterations,
+            "narrows": g.entries / 16 / iterations}
+
+
+def report(g: Geometry, binary: Path, folder: Path, rounds: int, reps: int) -> None:
     timers = layer_timers(g, reps)
-    sums = {(kind, where): [] for kind in BYTES for where in ("L2", "L1")}
+    # The sums with the build's instructions interleaved, rounded to whole instructions per term.
+    per_term = build_counts(g)
+    used = {"fp": {"BUILD_FMAS": max(round(per_term["fmas"]), 1)},
+            "int8": {"BUILD_DOTS": max(round(per_term["dots"]), 1), "BUILD_NARROWS": max(round(per_term["narrows"]), 1)}}
+    interleaved = {family: compile_loop(folder, **counts) for family, counts in used.items()}
+    sums = {(kind, where): [] for kind in BYTES for where in ("L2", "L1", "interleaved")}
     layers = {name: [] for name in timers}
     builds = []
     for _ in range(rounds):  # alternate, so that other tenants' noise hits every case alike
@@ -130,6 +148,8 @@ def report(g: Geometry, binary: Path, rounds: int, reps: int) -> None:
         for kind, width in BYTES.items():
             sums[kind, "L2"].append(ns_per_run(binary, g, kind, g.codewords, reps))
             sums[kind, "L1"].append(ns_per_run(binary, g, kind, g.l1_codewords(width), reps))
+            sums[kind, "interleaved"].append(
+                ns_per_run(interleaved["int8" if kind == "int8" else "fp"], g, kind, g.codewords, reps))
         for name, timer in timers.items():
             layers[name].append(timer())
     ort_us = float(np.median(layers["ort"]))
@@ -153,9 +173,9 @@ def report(g: Geometry, binary: Path, rounds: int, reps: int) -> None:
     # r/16-lane fp32 FMAs per 16 entries (fp32, fp16: the fp16 table is built in fp32), or r/4
     # products per vpdpbusd lane (int8), whose int32 sums are then narrowed to int8 (to float,
     # times the requantisation factor, rounded, packed). Its arithmetic alone, added to the sum
-    # alone, estimates the whole layer's floor when the build's instructions and the sum's adds
-    # issue on the same ports, as the mixed adds and FMAs below show they do on Intel cores (on
-    # AMD Zen 4/5 adds have pipes of their own beside the FMA pipes).
+    # alone, estimates a layer that builds and then sums, as the runtime does (the build's FMAs
+    # and the sums' adds share this core's two 512-bit ports, as the mix below shows; AMD Zen 4/5
+    # have add pipes of their own); the interleaved sums after it, one that overlaps the two.
     dot_ns, fma_ns, narrow_ns, add_ns, addw_ns, mix_ns = (float(np.median([b[i] for b in builds])) for i in range(6))
     print(f"\nTable build arithmetic ({g.entries} entries of r = {g.r}): vpdpbusd {dot_ns:.3f} ns, vfmadd231ps "
           f"{fma_ns:.3f} ns each (512-bit, throughput-bound); int8 narrowing {narrow_ns:.3f} ns per 16 entries")
@@ -174,6 +194,26 @@ def report(g: Geometry, binary: Path, rounds: int, reps: int) -> None:
         total, optimistic = sum_us[kind, "L2"] + build_us, sum_us[kind, "L1"] + build_us
         print(f"| {kind} | {label} | {build_us:.1f} | {total:.1f} | {ort_us / total:.2f}x | "
               f"{ort_us / optimistic:.2f}x | {g.target[kind]}x |")
+    # Were the next strip's table built while this one is summed, the build's instructions could
+    # issue in the sums' load stalls: the sums timed with them interleaved (whole instructions
+    # per term, the added time scaled to the layer's own count), on the real-size table.
+    print(f"\nThe sums with the build's instructions interleaved into every term (per term of two channels: "
+          f"{per_term['fmas']:.2f} FMAs, or {per_term['dots']:.2f} vpdpbusd + {per_term['narrows']:.2f} narrowings)")
+    print("| table | interleaved per term | ns per 64-pixel run | sum and build, us | ORT fp32 / that | target |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for kind in BYTES:
+        if kind == "int8":
+            counts = used["int8"]
+            label = f"{counts['BUILD_DOTS']} vpdpbusd + {counts['BUILD_NARROWS']} narrowings"
+            scale = ((per_term["dots"] * dot_ns + per_term["narrows"] * narrow_ns)
+                     / (counts["BUILD_DOTS"] * dot_ns + counts["BUILD_NARROWS"] * narrow_ns))
+        else:
+            label = f"{used['fp']['BUILD_FMAS']} FMAs"
+            scale = per_term["fmas"] / used["fp"]["BUILD_FMAS"]
+        base = float(np.median(sums[kind, "L2"]))
+        ns = base + (float(np.median(sums[kind, "interleaved"])) - base) * scale
+        total = ns * g.runs / 1e3
+        print(f"| {kind} | {label} | {ns:.3f} | {total:.1f} | {ort_us / total:.2f}x | {g.target[kind]}x |")
 
 
 def main() -> None:
@@ -189,7 +229,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         binary = compile_loop(Path(tmp))
         for name in args.layer:
-            report(GEOMETRIES[name], binary, args.rounds, args.reps)
+            report(GEOMETRIES[name], binary, Path(tmp), args.rounds, args.reps)
 
 
 if __name__ == "__main__":
