@@ -17,8 +17,10 @@ run, so the output says which speed-up the sum alone leaves room for, before any
 overhead, beside what the whole layer reaches and what the runtime issue asks for. It also times
 the table build's instructions (vfmadd231ps; for int8 vpdpbusd and the narrowing of the int32
 sums to int8) and adds the arithmetic of the smallest table the layer needs (every segment and
-codeword over the padded input once, no strip overlap) to each sum: an estimate of the whole
-layer's floor, with the sums at L2 speed and, optimistically, at L1 speed.
+codeword over the padded input once, no strip overlap) to each sum: an estimate of a layer that
+builds and then sums, with the sums at L2 speed and, optimistically, at L1 speed. Last, it times
+the sums with that arithmetic interleaved into every term: an estimate of a layer that builds the
+next strip's table while it sums this one.
 
     python benchmarks/table_sum_ceiling.py [--layer lenet vgg28] [--rounds 5] [--reps 300]
 """
