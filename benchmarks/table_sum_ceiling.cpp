@@ -235,7 +235,10 @@ int main(int argc, char** argv) {
     const int rows = segments * codewords, terms = segments * kernel * kernel;
     // Bytes of 0x01: small int8 values, fp16 ~6e-8, fp32 ~2e-38; the loops' speed does not
     // depend on the values.
-    std::vector<uint8_t> table((static_cast<size_t>(rows) * row_elements + 64) * width, 1);
+    std::vector<uint8_t> table((static_cast<size_t>(rows) * row_elements + 64) * width + 64, 1);
+    // The table starts on a cache line, as the runtime's does (a std::vector's storage is 16
+    // bytes off one, which slowed the fp32 sums by up to ~6%).
+    uint8_t* const first_line = table.data() + (64 - reinterpret_cast<uintptr_t>(table.data()) % 64) % 64;
     // The runtime's term offsets: per output channel and term (tap i, j; segment v) a random
     // codeword's row of that segment, shifted by the tap (i * padded width + j), so that a
     // channel's runs overlap as the real ones do.
@@ -261,11 +264,11 @@ int main(int argc, char** argv) {
                 const int32_t* first = offsets.data() + c * terms;
                 const int32_t* second = offsets.data() + (c + 1) * terms;
                 if (width == 1) {
-                    sum_int8(table.data() + 64 * block, first, second, terms, sink_i);
+                    sum_int8(first_line + 64 * block, first, second, terms, sink_i);
                 } else if (width == 2) {
-                    sum_wide(reinterpret_cast<const uint16_t*>(table.data()) + 64 * block, first, second, terms, sink_f);
+                    sum_wide(reinterpret_cast<const uint16_t*>(first_line) + 64 * block, first, second, terms, sink_f);
                 } else {
-                    sum_wide(reinterpret_cast<const float*>(table.data()) + 64 * block, first, second, terms, sink_f);
+                    sum_wide(reinterpret_cast<const float*>(first_line) + 64 * block, first, second, terms, sink_f);
                 }
             }
         }
