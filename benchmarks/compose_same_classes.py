@@ -16,6 +16,7 @@ pool (the training images) each pseudo-labelling variant kept for its student: n
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from neuralmerge.compose.labels import make_pseudo_labels
+from neuralmerge.errors import NeuralMergeError
 from neuralmerge.compose.student import train_student
 from neuralmerge.zoo.architectures import LeNet
 from neuralmerge.zoo.datasets import digits32
@@ -82,7 +84,10 @@ def main() -> None:
     start = time.time()
     results = []
     for seed in range(args.seeds):
-        results.append(trial(seed, args))
+        try:
+            results.append(trial(seed, args))
+        except NeuralMergeError as exc:  # e.g. a --tau that filters out every sample of a seed
+            sys.exit(f"error: seed {seed}: {exc}")
         print(f"seed {seed}: " + "  ".join(f"{k} {v:.3f}" for k, v in results[-1].items()), flush=True)
     print(f"\n{args.seeds} seeds, digits32 at {args.size}x{args.size}, tau {args.tau}, {time.time() - start:.0f} s")
     for name in results[0]:
