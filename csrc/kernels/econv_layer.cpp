@@ -36,11 +36,16 @@ using detail::KernelTable;
 using detail::kPixelBlock;
 
 // Table bytes built and summed at a time (a strip, or a chunk of its segments): half of a 2 MB
-// L2, which leaves room for the input planes, offsets and output rows the same pass touches. On
-// the Xeon this was tuned on, a VGG 28x28x256 table of 5 MB per strip built and summed in one
-// piece ran 1.4x (fp32) slower than in chunks that stay in L2, and 1 MB chunks ran 1-6% faster
-// than 2 MB ones on the VGG layers (LeNet conv2's 0.2-0.9 MB tables are unaffected).
-constexpr int64_t kTableBudgetBytes = int64_t{1} << 20;
+// L2 (a quarter for fp32 tables), which leaves room for the input planes, offsets and output
+// rows the same pass touches. On the Xeon this was tuned on, a VGG 28x28x256 table of 5 MB per
+// strip built and summed in one piece ran 1.4x (fp32) slower than in chunks that stay in L2, and
+// 1 MB chunks ran 1-6% faster than 2 MB ones on the VGG layers. Once the tables started on cache
+// lines, 512 KB made fp32 faster again (three lut_layers runs each: LeNet conv2 1.27x -> 1.40x
+// ONNX Runtime, VGG 56x56x128 1.18x -> 1.21x, VGG 28x28x256 1.77x either way) but fp16, int16
+// and int8 on the VGG layers 2-5% slower, so they keep 1 MB.
+int64_t table_budget_bytes(LutPrecision precision) {
+    return precision == LutPrecision::kFp32 ? int64_t{512} << 10 : int64_t{1} << 20;
+}
 
 [[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
 
@@ -320,8 +325,8 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in, int requested_threads) const {
     // Rows per strip: the table of (strip_rows + shift_h_max) phase rows should fit the budget.
     const int64_t row_bytes = size_product({slots, total_rows, p.phase_w, bytes});
     // At least 4 * shift_h_max rows, so that rebuilding the rows strips share costs <= 25%.
-    int64_t strip_rows = std::max<int64_t>(
-        {1, 4 * shift_h_max, kTableBudgetBytes / std::max<int64_t>(row_bytes, 1) - shift_h_max});
+    const int64_t budget = table_budget_bytes(options.precision);
+    int64_t strip_rows = std::max<int64_t>({1, 4 * shift_h_max, budget / std::max<int64_t>(row_bytes, 1) - shift_h_max});
     const int64_t units_per_strip_set = p.in.n * g.group;
     // Table terms summed over all output pixels: below this a layer takes ~10 us on one thread,
     // and a second one adds its start-up and the strips' shared rows for nothing.
@@ -344,7 +349,7 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in, int requested_threads) const {
     // When that floor makes the strip's table outgrow the budget, it is built and summed a
     // chunk of segments at a time: a table spilling to L3 made both its (store-bound) build and
     // its sums slow.
-    p.chunk_segments = std::clamp<int64_t>(kTableBudgetBytes / std::max<int64_t>(segment_table_bytes, 1), 1, rho);
+    p.chunk_segments = std::clamp<int64_t>(budget / std::max<int64_t>(segment_table_bytes, 1), 1, rho);
     int64_t chunk_rows_max = 0;
     for (int64_t v0 = 0; v0 < rho; v0 += p.chunk_segments) {
         const int64_t v1 = std::min(rho, v0 + p.chunk_segments);
