@@ -6,11 +6,10 @@ import argparse
 import math
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 from neuralmerge.errors import NeuralMergeError
-from neuralmerge.io.onnx_files import check_output_paths, write_bytes_atomic
+from neuralmerge.io.onnx_files import check_output_paths, check_writable_folder, write_bytes_atomic
 
 
 def number(kind: type, low: float, high: float | None = None, *, exclusive: bool = False):
@@ -44,10 +43,9 @@ def check_outputs(files=(), folders=()) -> None:
                 raise NeuralMergeError(f"output folder {folder} is a file")
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryFile(dir=folder):  # the only sure test of permissions
-                    pass
             except OSError as exc:
                 raise NeuralMergeError(f"cannot write to folder {folder}: {exc.strerror}") from None
+            check_writable_folder(folder)
         check_output_paths(files, force=True)
     except NeuralMergeError as exc:
         sys.exit(f"error: {exc}")

@@ -373,11 +373,16 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in, int requested_threads) const {
 // (16 floats of slack), and each region is a multiple of 16 floats. Table runs at the tap shifts
 // that are multiples of 16 floats then load whole lines (VGG 28x28x256 fp32 sums ~5% faster than
 // with the table 16 bytes off, as a std::vector's storage is).
+namespace {
 constexpr int64_t kAlignFloats = 16;
 
-size_t EConvLayer::workspace_floats(const Shape4& in, int threads) const {
-    const ConvPlan p = impl_->plan(in, threads);
+size_t workspace_floats_of(const ConvPlan& p) {
     return static_cast<size_t>(p.input_floats + p.quantised_floats + p.workers * p.worker_floats + kAlignFloats);
+}
+}  // namespace
+
+size_t EConvLayer::workspace_floats(const Shape4& in, int threads) const {
+    return workspace_floats_of(impl_->plan(in, threads));
 }
 
 void EConvLayer::Impl::quantise_codebook() {
@@ -632,13 +637,12 @@ void EConvLayer::run(const float* x, const Shape4& in, float* y, float* workspac
         // Reused across calls: a fresh multi-megabyte allocation would be page-faulted in (and
         // zeroed by the OS) on every call, which costs more than a small layer's compute.
         thread_local std::vector<float> scratch;
-        const auto floats = static_cast<size_t>(p.input_floats + p.quantised_floats + p.workers * p.worker_floats + kAlignFloats);
-        scratch.resize(std::max(scratch.size(), floats));
+        scratch.resize(std::max(scratch.size(), workspace_floats_of(p)));
         workspace = scratch.data();
     }
-    const auto misaligned = reinterpret_cast<uintptr_t>(workspace) % (kAlignFloats * sizeof(float));
-    if (misaligned % sizeof(float)) fail("the workspace must be float-aligned");
-    float* phases = workspace + (misaligned ? (kAlignFloats * sizeof(float) - misaligned) / sizeof(float) : 0);
+    const uintptr_t line = kAlignFloats * sizeof(float), address = reinterpret_cast<uintptr_t>(workspace);
+    if (address % sizeof(float)) fail("the workspace must be float-aligned");
+    float* phases = workspace + ((line - address % line) % line) / sizeof(float);
     m.fill_phases(x, p, phases);
 
     const std::shared_ptr<const std::vector<int32_t>> offsets_shared = m.term_offsets(p);

@@ -276,17 +276,16 @@ def _check_layer_inputs(model: onnx.ModelProto, label: str) -> None:
             continue
         x, w = dims.get(node.input[0]), weights[node.input[1]]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Conv" and x and len(x) > 1 and x[1] and len(w) > 1:
-            want, what = w[1] * int(attrs.get("group", 1)), "input channels"
-            have = x[1]
-        elif node.op_type == "Gemm" and x and len(x) == 2 and x[1 - int(attrs.get("transA", 0))] and len(w) == 2:
+        if node.op_type == "Conv" and x and len(x) > 1 and len(w) > 1:
+            want, what, have = w[1] * int(attrs.get("group", 1)), "input channels", x[1]
+        elif node.op_type == "Gemm" and x and len(x) == 2 and len(w) == 2:
             want, what = w[1] if attrs.get("transB", 0) else w[0], "input features"
             have = x[1 - int(attrs.get("transA", 0))]
-        elif node.op_type == "MatMul" and x and x[-1] and len(w) >= 2:
+        elif node.op_type == "MatMul" and x and len(w) >= 2:
             want, what, have = w[-2], "input features", x[-1]
         else:
             continue
-        if want != have:
+        if have and want != have:  # None or 0: not known
             raise ModelLoadError(f"{label}: {node.op_type} '{node.name}' expects {want} {what} (weight "
                                  f"{'x'.join(map(str, w))}) but its input '{node.input[0]}' has {have}")
 

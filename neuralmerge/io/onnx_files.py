@@ -106,12 +106,7 @@ def check_output_paths(outputs, inputs=(), *, force: bool) -> None:
         if out is None:
             continue
         check_output_path(out, force=force)
-        folder = Path(out).parent
-        try:  # the only sure test (permissions, read-only or virtual file systems): create a file there
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as exc:
-            raise NeuralMergeError(f"cannot write to folder {folder}: {exc.strerror}") from None
+        check_writable_folder(Path(out).parent)
         key = os.path.realpath(out)
         if key in seen:
             raise NeuralMergeError(f"two outputs name the same file: {seen[key]} and {out}")
@@ -119,6 +114,16 @@ def check_output_paths(outputs, inputs=(), *, force: bool) -> None:
     for src in inputs:
         if src and os.path.realpath(src) in seen:
             raise NeuralMergeError(f"output {seen[os.path.realpath(src)]} would overwrite the input {src}")
+
+
+def check_writable_folder(folder: str | os.PathLike) -> None:
+    """A file can be created in ``folder``: the only sure test (permissions, read-only or virtual
+    file systems) is to create one."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise NeuralMergeError(f"cannot write to folder {folder}: {exc.strerror}") from None
 
 
 def _first_line(exc: BaseException) -> str:
