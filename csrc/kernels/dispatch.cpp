@@ -2,6 +2,9 @@
 // baseline x86-64 and the AVX2 / AVX-512 kernels are compiled with function-level targets.
 #include <cstring>
 #include <stdexcept>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 #include <string>
 
 #include "lut_internal.h"
@@ -21,6 +24,24 @@ bool has_avx512() {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
            __builtin_cpu_supports("avx512vbmi");
 }
+
+// AVX512-FP16 (CPUID leaf 7, EDX bit 23), read directly: GCC before 12 has no name for it in
+// __builtin_cpu_supports. The OS saves AVX-512 state if avx512f is reported.
+bool has_avx512fp16() {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __builtin_cpu_supports("avx512f") && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx >> 23 & 1u);
+}
+
+// The AVX-512 table, with the fp16 partial-sum kernel on CPUs that have fp16 arithmetic (and
+// when the compiler could build it).
+const KernelTable& avx512_table() {
+    static const KernelTable table = [] {
+        KernelTable t = avx512_kernels();
+        if (has_avx512fp16()) t.accumulate_f16_partial = accumulate_f16_partial();  // may be null
+        return t;
+    }();
+    return table;
+}
 #endif
 
 }  // namespace
@@ -29,12 +50,12 @@ const KernelTable& select_kernels(LutIsa isa) {
 #if defined(__x86_64__)
     switch (isa) {
         case LutIsa::kAuto:
-            if (has_avx512()) return avx512_kernels();
+            if (has_avx512()) return avx512_table();
             if (has_avx2()) return avx2_kernels();
             return scalar_kernels();
         case LutIsa::kAvx512:
             if (!has_avx512()) throw std::invalid_argument("this CPU lacks AVX-512 F/BW/VL/VNNI/VBMI");
-            return avx512_kernels();
+            return avx512_table();
         case LutIsa::kAvx2:
             if (!has_avx2()) throw std::invalid_argument("this CPU lacks AVX2/FMA/F16C");
             return avx2_kernels();
@@ -110,6 +131,7 @@ std::string cpu_features() {
         {"avx512vl", __builtin_cpu_supports("avx512vl") != 0},
         {"avx512vnni", __builtin_cpu_supports("avx512vnni") != 0},
         {"avx512vbmi", __builtin_cpu_supports("avx512vbmi") != 0},
+        {"avx512fp16", detail::has_avx512fp16()},
         {"avx2", __builtin_cpu_supports("avx2") != 0},
         {"fma", __builtin_cpu_supports("fma") != 0},
         {"f16c", __builtin_cpu_supports("f16c") != 0},

@@ -203,13 +203,13 @@ struct EConvLayer::Impl {
     ConvPlan plan(const Shape4& in, int threads) const;
     std::shared_ptr<const std::vector<int32_t>> term_offsets(const ConvPlan& plan) const;
     void fill_phases(const float* x, const ConvPlan& plan, float* phases) const;
-    float table_scale(const ConvPlan& plan, const float* phases, int64_t n, int64_t grp) const;
+    float entry_bound(const ConvPlan& plan, const float* phases, int64_t n, int64_t grp) const;
     void quantise_codebook();
     QuantisedInput quantise_input(const ConvPlan& plan, const float* phases, int64_t n, int64_t grp,
                                   uint8_t* out) const;
     void run_strip(const ConvPlan& plan, const float* phases, const QuantisedInput* quantised,
                    const std::vector<int32_t>& offsets, int64_t n, int64_t grp, int64_t strip, float scale,
-                   float* worker, float* y) const;
+                   bool fp16_partial, float* worker, float* y) const;
 };
 
 EConvLayer::EConvLayer(const EncodedWeight& weight, const ConvGeometry& g, const LutOptions& opt)
@@ -464,11 +464,11 @@ void EConvLayer::Impl::fill_phases(const float* x, const ConvPlan& p, float* pha
     }
 }
 
-// Scale of an integer table: a Cauchy-Schwarz bound on every entry of this image's table
-// (largest codeword norm x largest input segment norm) mapped to the integer range, so one
-// scale serves every strip and no entry saturates.
-float EConvLayer::Impl::table_scale(const ConvPlan& p, const float* phases, int64_t n, int64_t grp) const {
-    const float limit = options.precision == LutPrecision::kInt8 ? 127.0f : 32767.0f;
+// A Cauchy-Schwarz bound on every |entry| of this image's table (largest codeword norm x
+// largest input segment norm), or 0 when that is not a finite number. An integer table maps it
+// to the integer range, so one scale serves every strip and no entry saturates; an fp16 table
+// sums its entries in fp16 only below it.
+float EConvLayer::Impl::entry_bound(const ConvPlan& p, const float* phases, int64_t n, int64_t grp) const {
     const int64_t slots = static_cast<int64_t>(phase_slots.size());
     const int64_t pixels = p.phase_h * p.phase_w;
     float bound = 0.0f;
@@ -481,12 +481,12 @@ float EConvLayer::Impl::table_scale(const ConvPlan& p, const float* phases, int6
             bound = std::max(bound, codeword_norm[v] * std::sqrt(largest));
         }
     }
-    return bound > 0.0f && std::isfinite(bound) ? bound / limit : 1.0f;
+    return std::isfinite(bound) ? bound : 0.0f;
 }
 
 void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const QuantisedInput* quantised,
                                  const std::vector<int32_t>& offsets, int64_t n, int64_t grp, int64_t strip,
-                                 float scale, float* worker, float* y) const {
+                                 float scale, bool fp16_partial, float* worker, float* y) const {
     const KernelTable& k = *kernels;
     const int64_t slots = static_cast<int64_t>(phase_slots.size());
     const int64_t row0 = strip * p.strip_rows;
@@ -569,8 +569,9 @@ void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const Q
                                      out_rows, p.strip_pixels);
                     break;
                 case LutPrecision::kFp16:
-                    k.accumulate_f16(reinterpret_cast<const uint16_t*>(table), offs, terms, count, per_group, summed,
-                                     bias.data() + t0, 1.0f, add, out_rows, p.strip_pixels);
+                    (fp16_partial ? k.accumulate_f16_partial : k.accumulate_f16)(
+                        reinterpret_cast<const uint16_t*>(table), offs, terms, count, per_group, summed,
+                        bias.data() + t0, 1.0f, add, out_rows, p.strip_pixels);
                     break;
                 case LutPrecision::kInt16:
                     k.accumulate_i16(reinterpret_cast<const int16_t*>(table), offs, terms, count, per_group, summed,
@@ -648,11 +649,20 @@ void EConvLayer::run(const float* x, const Shape4& in, float* y, float* workspac
     const std::shared_ptr<const std::vector<int32_t>> offsets_shared = m.term_offsets(p);
     const std::vector<int32_t>& offsets = *offsets_shared;
 
-    const bool integer = m.options.precision == LutPrecision::kInt8 || m.options.precision == LutPrecision::kInt16;
-    std::vector<float> scales(static_cast<size_t>(in.n * m.geometry.group), 1.0f);
-    if (integer) {
-        for (int64_t u = 0; u < in.n * m.geometry.group; ++u) {
-            scales[u] = m.table_scale(p, phases, u / m.geometry.group, u % m.geometry.group);
+    // Per image and group: the integer table's scale, or whether the fp16 table's entries are
+    // small enough to be summed in fp16 (kFp16PartialTerms of them stay finite).
+    const LutPrecision precision = m.options.precision;
+    const bool integer = precision == LutPrecision::kInt8 || precision == LutPrecision::kInt16;
+    const bool fp16_partial = precision == LutPrecision::kFp16 && m.kernels->accumulate_f16_partial;
+    const int64_t units = in.n * m.geometry.group;
+    std::vector<float> scales(static_cast<size_t>(units), 1.0f);
+    std::vector<char> partial(static_cast<size_t>(units), 0);
+    if (integer || fp16_partial) {
+        const float limit = precision == LutPrecision::kInt8 ? 127.0f : 32767.0f;
+        for (int64_t u = 0; u < units; ++u) {
+            const float bound = m.entry_bound(p, phases, u / m.geometry.group, u % m.geometry.group);
+            if (integer && bound > 0.0f) scales[u] = bound / limit;
+            partial[u] = fp16_partial && bound > 0.0f && bound * detail::kFp16PartialTerms <= detail::kFp16Max;
         }
     }
 
@@ -670,7 +680,8 @@ void EConvLayer::run(const float* x, const Shape4& in, float* y, float* workspac
     detail::parallel_units(in.n * m.geometry.group * p.strips, p.workers, [&](int64_t worker, int64_t unit) {
         const int64_t strip = unit % p.strips, image_group = unit / p.strips;
         m.run_strip(p, phases, m.vnni ? &quantised[image_group] : nullptr, offsets, image_group / m.geometry.group,
-                    image_group % m.geometry.group, strip, scales[image_group], workers + worker * p.worker_floats, y);
+                    image_group % m.geometry.group, strip, scales[image_group], partial[image_group] != 0,
+                    workers + worker * p.worker_floats, y);
     });
 }
 

@@ -32,7 +32,9 @@ struct F32 {
     using Elem = float;
     using Acc = __m256;
     static constexpr int64_t kLanes = 8;
+    static constexpr int64_t kBlockPixels = kPixelBlock;
     static constexpr bool kPrefetch = false;
+    static constexpr int kGroup = 1;
     static Acc zero() { return _mm256_setzero_ps(); }
     static Acc add(Acc a, const Elem* p) { return _mm256_add_ps(a, _mm256_loadu_ps(p)); }
     static void store(Acc a, const float* base, float bias, float scale, float* out, int64_t) {
@@ -44,7 +46,9 @@ struct F16 {
     using Elem = uint16_t;
     using Acc = __m256;
     static constexpr int64_t kLanes = 8;
+    static constexpr int64_t kBlockPixels = kPixelBlock;
     static constexpr bool kPrefetch = false;
+    static constexpr int kGroup = 1;
     static Acc zero() { return _mm256_setzero_ps(); }
     static Acc add(Acc a, const Elem* p) { return _mm256_add_ps(a, _mm256_cvtph_ps(load128(p))); }
     static void store(Acc a, const float* base, float bias, float scale, float* out, int64_t) {
@@ -56,7 +60,9 @@ struct I16 {
     using Elem = int16_t;
     using Acc = __m256i;  // 8 int32 sums
     static constexpr int64_t kLanes = 8;
+    static constexpr int64_t kBlockPixels = kPixelBlock;
     static constexpr bool kPrefetch = false;
+    static constexpr int kGroup = 1;
     static Acc zero() { return _mm256_setzero_si256(); }
     static Acc add(Acc a, const Elem* p) { return _mm256_add_epi32(a, _mm256_cvtepi16_epi32(load128(p))); }
     static void store(Acc a, const float* base, float bias, float scale, float* out, int64_t) {
@@ -68,7 +74,9 @@ struct I8 {
     using Elem = uint8_t;  // offset-binary (kInt8Bias)
     using Acc = __m256i;   // 16 uint16 sums of biased bytes (< 65536 for kInt8ChunkTerms terms)
     static constexpr int64_t kLanes = 16;
+    static constexpr int64_t kBlockPixels = kPixelBlock;
     static constexpr bool kPrefetch = false;
+    static constexpr int kGroup = 1;
     static Acc zero() { return _mm256_setzero_si256(); }
     static Acc add(Acc a, const Elem* p) { return _mm256_add_epi16(a, _mm256_cvtepu8_epi16(load128(p))); }
     static void store(Acc a, const float* base, float bias, float scale, float* out, int64_t terms) {
@@ -237,6 +245,7 @@ const KernelTable kAvx2 = {
     "avx2",
     accumulate<F32, 1>,
     accumulate<F16, 1>,
+    nullptr,  // no fp16 arithmetic
     accumulate<I16, 1>,
     accumulate<I8, 1>,
     to_f16,

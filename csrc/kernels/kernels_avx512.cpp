@@ -37,7 +37,9 @@ struct F32 {
     using Elem = float;
     using Acc = __m512;
     static constexpr int64_t kLanes = 16;
+    static constexpr int64_t kBlockPixels = kWideBlockPixels;
     static constexpr bool kPrefetch = true;
+    static constexpr int kGroup = 1;
     static Acc zero() { return _mm512_setzero_ps(); }
     static Acc add(Acc a, const Elem* p) { return _mm512_add_ps(a, _mm512_loadu_ps(p)); }
     static void store(Acc a, const float* base, float bias, float scale, float* out, int64_t) {
@@ -49,7 +51,9 @@ struct F16 {
     using Elem = uint16_t;
     using Acc = __m512;
     static constexpr int64_t kLanes = 16;
+    static constexpr int64_t kBlockPixels = kWideBlockPixels;
     static constexpr bool kPrefetch = true;
+    static constexpr int kGroup = 1;
     static Acc zero() { return _mm512_setzero_ps(); }
     static Acc add(Acc a, const Elem* p) {
         return _mm512_add_ps(a, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
@@ -63,7 +67,9 @@ struct I16 {
     using Elem = int16_t;
     using Acc = __m512i;  // 16 int32 sums
     static constexpr int64_t kLanes = 16;
+    static constexpr int64_t kBlockPixels = kWideBlockPixels;
     static constexpr bool kPrefetch = true;
+    static constexpr int kGroup = 1;
     static Acc zero() { return _mm512_setzero_si512(); }
     static Acc add(Acc a, const Elem* p) {
         return _mm512_add_epi32(a, _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
@@ -85,7 +91,9 @@ struct I8 {
         __m512i words, high;
     };
     static constexpr int64_t kLanes = 64;
+    static constexpr int64_t kBlockPixels = kWideBlockPixels;
     static constexpr bool kPrefetch = true;
+    static constexpr int kGroup = 1;
     static Acc zero() { return {_mm512_setzero_si512(), _mm512_setzero_si512()}; }
     static Acc add(Acc a, const Elem* p) {
         const __m512i w = _mm512_loadu_si512(p);
@@ -637,6 +645,7 @@ const KernelTable kAvx512 = {
     "avx512",
     accumulate<F32, 2>,
     accumulate<F16, 2>,
+    nullptr,  // set by dispatch.cpp on CPUs with AVX512-FP16
     accumulate<I16, 2>,
     accumulate<I8, 2>,
     to_f16,

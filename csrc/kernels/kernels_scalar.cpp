@@ -109,6 +109,7 @@ const KernelTable kScalar = {
     "scalar",
     accumulate<float, float>,
     accumulate<uint16_t, float>,
+    nullptr,  // no fp16 arithmetic
     accumulate<int16_t, int32_t>,
     accumulate<uint8_t, int32_t>,
     to_f16,

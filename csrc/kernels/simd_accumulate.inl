@@ -3,13 +3,15 @@
 // pragma, inside an anonymous namespace, so each ISA gets its own compiled copy.
 //
 // T provides: Elem (table element), Acc (accumulator register), kLanes (pixels per Acc),
-// zero(), add(Acc, const Elem*) (load kLanes elements, widen, add),
-// store(Acc, const float* base_or_null, float bias, float scale, float* out, int64_t terms) and
-// kPrefetch (whether to prefetch the table runs of later terms).
+// kBlockPixels (pixels per register block), zero(), add(Acc, const Elem*) (load kLanes elements,
+// widen, add), store(Acc, const float* base_or_null, float bias, float scale, float* out,
+// int64_t terms), kPrefetch (whether to prefetch the table runs of later terms), and kGroup
+// with flush(Acc): kGroup > 1 adds that many terms into a narrow partial sum, then flush()
+// widens it into the sums (kGroup = 1: flush is never called).
 
 constexpr int64_t kPrefetchTerms = 8;
 
-// Sums CH output channels over one block of NV * kLanes pixels (kPixelBlock, or fewer at the
+// Sums CH output channels over one block of NV * kLanes pixels (kBlockPixels, or fewer at the
 // end of a row of blocks) with all accumulators in registers: every term is NV contiguous loads
 // at a constant offset.
 template <typename T, int CH, int NV>
@@ -19,7 +21,7 @@ inline void accumulate_block(const typename T::Elem* table, const int32_t* const
     for (int c = 0; c < CH; ++c) {
         for (int i = 0; i < NV; ++i) acc[c][i] = T::zero();
     }
-    for (int64_t k = 0; k < terms; ++k) {
+    const auto term = [&](int64_t k) __attribute__((always_inline)) {
         if (T::kPrefetch) {
             // The runs a block reads lie all over an L2-sized table; their addresses are known
             // ahead, and fetching them kPrefetchTerms early hid most of the L2 latency that
@@ -36,6 +38,17 @@ inline void accumulate_block(const typename T::Elem* table, const int32_t* const
             const typename T::Elem* src = table + offs[c][k] + q0;
             for (int i = 0; i < NV; ++i) acc[c][i] = T::add(acc[c][i], src + i * T::kLanes);
         }
+    };
+    if constexpr (T::kGroup > 1) {
+        for (int64_t k0 = 0; k0 < terms; k0 += T::kGroup) {
+            const int64_t end = std::min(terms, k0 + T::kGroup);
+            for (int64_t k = k0; k < end; ++k) term(k);
+            for (int c = 0; c < CH; ++c) {
+                for (int i = 0; i < NV; ++i) acc[c][i] = T::flush(acc[c][i]);
+            }
+        }
+    } else {
+        for (int64_t k = 0; k < terms; ++k) term(k);
     }
     for (int c = 0; c < CH; ++c) {
         for (int i = 0; i < NV; ++i) {
@@ -46,8 +59,8 @@ inline void accumulate_block(const typename T::Elem* table, const int32_t* const
 }
 
 // accumulate_block with NV = vectors, tried from the widest down: a block is narrower than
-// kPixelBlock at the end of a row whose pixel count is not a multiple of it (VGG 28x28: 240
-// pixels per strip, the last block 3 of 4 vectors).
+// kBlockPixels at the end of a row whose pixel count is not a multiple of it (VGG 28x28: 240
+// pixels per strip, the last of two 128-pixel blocks 7 of 8 fp32 vectors).
 template <typename T, int CH, int NV>
 inline void accumulate_vectors(int vectors, const typename T::Elem* table, const int32_t* const* offs, int64_t terms,
                             int64_t q0, const float* bias, float scale, bool add, float* const* out) {
@@ -58,7 +71,7 @@ inline void accumulate_vectors(int vectors, const typename T::Elem* table, const
 }
 
 // Pixel blocks are the outer loop: one block's outputs for every channel are finished before
-// the next, so the table window the block reads (every row, kPixelBlock pixels plus the largest
+// the next, so the table window the block reads (every row, kBlockPixels pixels plus the largest
 // tap shift) is fetched into L2 once and shared by all channels. Channel-major order swept the
 // whole strip table per channel pair and, for VGG-sized layers (C*rho = 4096 rows), ran at L3
 // bandwidth.
@@ -66,8 +79,11 @@ template <typename T, int CH>
 void accumulate(const typename T::Elem* table, const int32_t* offsets, int64_t offset_stride, int64_t terms,
                 int64_t channels, int64_t pixels, const float* bias, float scale, bool add, float* out,
                 int64_t out_stride) {
-    constexpr int kVectors = static_cast<int>(kPixelBlock / T::kLanes);
-    for (int64_t q0 = 0; q0 < pixels; q0 += kPixelBlock) {
+    // A last, narrower block computes up to pixels rounded up to kLanes: within the kPixelBlock
+    // padding the table and out rows have.
+    static_assert(kPixelBlock % T::kLanes == 0 && T::kBlockPixels % T::kLanes == 0, "blocks of whole vectors");
+    constexpr int kVectors = static_cast<int>(T::kBlockPixels / T::kLanes);
+    for (int64_t q0 = 0; q0 < pixels; q0 += T::kBlockPixels) {
         const int vectors = static_cast<int>(std::min<int64_t>(kVectors, (pixels - q0 + T::kLanes - 1) / T::kLanes));
         const auto block = [&](const int32_t* const* offs, const float* biases, float* const* rows,
                                auto channels_per_block) {
