@@ -36,15 +36,18 @@ using detail::KernelTable;
 using detail::kPixelBlock;
 
 // Table bytes built and summed at a time (a strip, or a chunk of its segments): half of a 2 MB
-// L2 (a quarter for fp32 tables), which leaves room for the input planes, offsets and output
+// L2 (under a fifth for fp32 tables), which leaves room for the input planes, offsets and output
 // rows the same pass touches. On the Xeon this was tuned on, a VGG 28x28x256 table of 5 MB per
 // strip built and summed in one piece ran 1.4x (fp32) slower than in chunks that stay in L2, and
 // 1 MB chunks ran 1-6% faster than 2 MB ones on the VGG layers. Once the tables started on cache
 // lines, 512 KB made fp32 faster again (three lut_layers runs each: LeNet conv2 1.27x -> 1.40x
 // ONNX Runtime, VGG 56x56x128 1.18x -> 1.21x, VGG 28x28x256 1.77x either way) but fp16, int16
-// and int8 on the VGG layers 2-5% slower, so they keep 1 MB.
+// and int8 on the VGG layers 2-5% slower, so they keep 1 MB. With the 128-pixel sum blocks,
+// 384 KB made LeNet conv2 fp32 (557 KB of table: chunks of 2 segments, not 3 + 1) 3% faster
+// (in-process A/B, 7/7 rounds) and left the VGG layers, one segment per chunk either way, alone;
+// 256 KB was no better, and 768 KB / 1.5 MB for the narrower tables changed nothing or lost.
 int64_t table_budget_bytes(LutPrecision precision) {
-    return precision == LutPrecision::kFp32 ? int64_t{512} << 10 : int64_t{1} << 20;
+    return precision == LutPrecision::kFp32 ? int64_t{384} << 10 : int64_t{1} << 20;
 }
 
 [[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
