@@ -43,7 +43,7 @@ using detail::kPixelBlock;
 // lines, 512 KB made fp32 faster again (three lut_layers runs each: LeNet conv2 1.27x -> 1.40x
 // ONNX Runtime, VGG 56x56x128 1.18x -> 1.21x, VGG 28x28x256 1.77x either way) but fp16, int16
 // and int8 on the VGG layers 2-5% slower, so they keep 1 MB. With the 128-pixel sum blocks,
-// 384 KB made LeNet conv2 fp32 (557 KB of table: chunks of 2 segments, not 3 + 1) 3% faster
+// 384 KB made LeNet conv2 fp32 (852 KB of table: chunks of 1 segment, not 2) 3% faster
 // (in-process A/B, 7/7 rounds) and left the VGG layers, one segment per chunk either way, alone;
 // 256 KB was no better, and 768 KB / 1.5 MB for the narrower tables changed nothing or lost.
 int64_t table_budget_bytes(LutPrecision precision) {
