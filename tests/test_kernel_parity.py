@@ -20,7 +20,8 @@ if {"avx2", "fma", "f16c"} <= set(FEATURES):
     ISAS.append("avx2")
 if {"avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vbmi"} <= set(FEATURES):
     ISAS.append("avx512")
-# The AVX-512 fp16 E-Conv sum then adds four terms at a time in fp16 (docs/runtime.md).
+# The AVX-512 fp16 E-Conv sum then adds four terms at a time in fp16 (docs/runtime.md); cpu_features
+# lists avx512fp16 only when this build has that kernel.
 FP16_ARITHMETIC = "avx512" in ISAS and "avx512fp16" in FEATURES
 VARIANTS = [(lut, isa) for lut in TOLERANCE for isa in ISAS]
 

@@ -131,7 +131,8 @@ std::string cpu_features() {
         {"avx512vl", __builtin_cpu_supports("avx512vl") != 0},
         {"avx512vnni", __builtin_cpu_supports("avx512vnni") != 0},
         {"avx512vbmi", __builtin_cpu_supports("avx512vbmi") != 0},
-        {"avx512fp16", detail::has_avx512fp16()},
+        // Only when this build has the kernel that uses it (a compiler before GCC 12 / Clang 14 has not).
+        {"avx512fp16", detail::has_avx512fp16() && detail::accumulate_f16_partial() != nullptr},
         {"avx2", __builtin_cpu_supports("avx2") != 0},
         {"fma", __builtin_cpu_supports("fma") != 0},
         {"f16c", __builtin_cpu_supports("f16c") != 0},

@@ -43,7 +43,7 @@ using detail::kPixelBlock;
 // lines, 512 KB made fp32 faster again (three lut_layers runs each: LeNet conv2 1.27x -> 1.40x
 // ONNX Runtime, VGG 56x56x128 1.18x -> 1.21x, VGG 28x28x256 1.77x either way) but fp16, int16
 // and int8 on the VGG layers 2-5% slower, so they keep 1 MB. With the 128-pixel sum blocks,
-// 384 KB made LeNet conv2 fp32 (852 KB of table: chunks of 1 segment, not 2) 3% faster
+// 384 KB made LeNet conv2 fp32 (832 KB of table: chunks of 1 segment, not 2) 3% faster
 // (in-process A/B, 7/7 rounds) and left the VGG layers, one segment per chunk either way, alone;
 // 256 KB was no better, and 768 KB / 1.5 MB for the narrower tables changed nothing or lost.
 int64_t table_budget_bytes(LutPrecision precision) {
@@ -353,9 +353,9 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in, int requested_threads) const {
     // chunk of segments at a time: a table spilling to L3 made both its (store-bound) build and
     // its sums slow. A chunk is also kept within 3x the strip's output rows, which every chunk's
     // sums read and write once more: in-process A/B (7 rounds) against the budget alone, LeNet
-    // conv2 fp16 (a 426 KB table, 80 KB of output rows: now two chunks) 7% faster, VGG 28x28x256
+    // conv2 fp16 (a 416 KB table, 80 KB of output rows: now two chunks) 7% faster, VGG 28x28x256
     // int8 3%, the other VGG and LeNet layers within 1%. (Smaller chunks help while their table
-    // is large beside the output rows; a VGG strip's 245 KB of output rows made one-segment
+    // is large beside the output rows; a VGG strip's 256 KB of output rows made one-segment
     // chunks 16% slower.) But a chunk keeps at least 16 terms per output channel where the budget
     // allows: each chunk costs its sums a load and a store of the output rows, about what a few
     // terms cost, and a 1x1 layer with small output rows would otherwise sum one term per chunk.
@@ -506,7 +506,7 @@ void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const Q
     const int64_t row0 = strip * p.strip_rows;
     const int64_t strip_rows = std::min(p.strip_rows, p.out.h - row0);
     // Sums run to a multiple of 16 pixels (the SIMD kernels end a row of blocks with a narrower
-    // one); the table's columns and the out rows have room for whole blocks.
+    // one); the table's columns and the out rows have room for that rounded up to kPixelBlock.
     const int64_t summed = round_up(strip_rows * p.phase_w, 16);
     const int64_t pixels = round_up(summed, kPixelBlock);
     // The table columns this strip's sums read: all of ld but in a shorter last strip (VGG's

@@ -28,7 +28,7 @@ namespace {
 // partial sum into two fp32 sums. The AVX-512F fp16 sum widens every term (vcvtph2ps: two
 // uops, on the same two ports as the add) and ran at six cycles per 64-pixel run, the
 // uop limit; this does a quarter of the widening. The partial sums round to fp16 once per term:
-// relative RMS error 2e-4 -> about 3e-4 on the benchmark layers (docs/runtime.md).
+// relative RMS error 2e-4 -> 3.7-3.8e-4 on the benchmark layers (docs/runtime.md).
 struct F16Partial {
     using Elem = uint16_t;
     struct Acc {

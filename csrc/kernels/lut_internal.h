@@ -36,11 +36,12 @@ class CodeView {
 /// segment, 1 + the largest code used.
 CodeView validated_codes(const EncodedWeight& weight, std::vector<int64_t>& rows);
 
-/// Output pixels of one accumulate call are processed in blocks of this many (the last one of a
-/// call may be narrower); callers give the table and the out rows room for whole blocks.
+/// The padding unit of the sums: callers give the table and the out rows room for an accumulate
+/// call's pixels rounded up to this many. The kernels' register blocks (kBlockPixels in
+/// simd_accumulate.inl: this many with AVX2, kWideBlockPixels with AVX-512) end a call with a
+/// narrower block that stops at the pixels rounded up to one vector, within that padding.
 constexpr int64_t kPixelBlock = 64;
-/// The AVX-512 sums' register blocks: 128 pixels, in two kPixelBlock units (a last block of a row
-/// may end at any kPixelBlock). A term's unaligned run then spans one cache line more than its
+/// The AVX-512 sums' register blocks: 128 pixels. A term's unaligned run then spans one cache line more than its
 /// data, not one per 64 pixels, and its offset is read once per 128 pixels: in-process A/B
 /// against 64-pixel blocks (2026-12-06), fp16 5-6%, int16 4-5%, int8 1-4% faster, fp32 0-2%.
 constexpr int64_t kWideBlockPixels = 128;
