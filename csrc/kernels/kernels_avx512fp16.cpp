@@ -46,6 +46,8 @@ struct F16Partial {
         return {_mm512_setzero_ph(), _mm512_add_ps(a.low, _mm512_cvtph_ps(_mm512_castsi512_si256(bits))),
                 _mm512_add_ps(a.high, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(bits, 1)))};
     }
+    // Called after the last group's flush (simd_accumulate.inl flushes every group, the last
+    // one too), so the partial sum is already in low and high.
     static void store(Acc a, const float* base, float bias, float scale, float* out, int64_t) {
         const __m512 scales = _mm512_set1_ps(scale);
         const __m512 first = base ? _mm512_loadu_ps(base) : _mm512_set1_ps(bias);
