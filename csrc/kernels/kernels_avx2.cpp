@@ -33,7 +33,7 @@ struct F32 {
     using Acc = __m256;
     static constexpr int64_t kLanes = 8;
     static constexpr int64_t kBlockPixels = kPixelBlock;
-    static constexpr bool kPrefetch = false;
+    static constexpr int64_t kPrefetchAhead = 0;
     static constexpr int kGroup = 1;
     static Acc zero() { return _mm256_setzero_ps(); }
     static Acc add(Acc a, const Elem* p) { return _mm256_add_ps(a, _mm256_loadu_ps(p)); }
@@ -47,7 +47,7 @@ struct F16 {
     using Acc = __m256;
     static constexpr int64_t kLanes = 8;
     static constexpr int64_t kBlockPixels = kPixelBlock;
-    static constexpr bool kPrefetch = false;
+    static constexpr int64_t kPrefetchAhead = 0;
     static constexpr int kGroup = 1;
     static Acc zero() { return _mm256_setzero_ps(); }
     static Acc add(Acc a, const Elem* p) { return _mm256_add_ps(a, _mm256_cvtph_ps(load128(p))); }
@@ -61,7 +61,7 @@ struct I16 {
     using Acc = __m256i;  // 8 int32 sums
     static constexpr int64_t kLanes = 8;
     static constexpr int64_t kBlockPixels = kPixelBlock;
-    static constexpr bool kPrefetch = false;
+    static constexpr int64_t kPrefetchAhead = 0;
     static constexpr int kGroup = 1;
     static Acc zero() { return _mm256_setzero_si256(); }
     static Acc add(Acc a, const Elem* p) { return _mm256_add_epi32(a, _mm256_cvtepi16_epi32(load128(p))); }
@@ -75,7 +75,7 @@ struct I8 {
     using Acc = __m256i;   // 16 uint16 sums of biased bytes (< 65536 for kInt8ChunkTerms terms)
     static constexpr int64_t kLanes = 16;
     static constexpr int64_t kBlockPixels = kPixelBlock;
-    static constexpr bool kPrefetch = false;
+    static constexpr int64_t kPrefetchAhead = 0;
     static constexpr int kGroup = 1;
     static Acc zero() { return _mm256_setzero_si256(); }
     static Acc add(Acc a, const Elem* p) { return _mm256_add_epi16(a, _mm256_cvtepu8_epi16(load128(p))); }

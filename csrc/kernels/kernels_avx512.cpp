@@ -38,7 +38,7 @@ struct F32 {
     using Acc = __m512;
     static constexpr int64_t kLanes = 16;
     static constexpr int64_t kBlockPixels = kWideBlockPixels;
-    static constexpr bool kPrefetch = true;
+    static constexpr int64_t kPrefetchAhead = kSumPrefetchTermsF32;
     static constexpr int kGroup = 1;
     static Acc zero() { return _mm512_setzero_ps(); }
     static Acc add(Acc a, const Elem* p) { return _mm512_add_ps(a, _mm512_loadu_ps(p)); }
@@ -52,7 +52,7 @@ struct F16 {
     using Acc = __m512;
     static constexpr int64_t kLanes = 16;
     static constexpr int64_t kBlockPixels = kWideBlockPixels;
-    static constexpr bool kPrefetch = true;
+    static constexpr int64_t kPrefetchAhead = kSumPrefetchTerms;
     static constexpr int kGroup = 1;
     static Acc zero() { return _mm512_setzero_ps(); }
     static Acc add(Acc a, const Elem* p) {
@@ -68,7 +68,7 @@ struct I16 {
     using Acc = __m512i;  // 16 int32 sums
     static constexpr int64_t kLanes = 16;
     static constexpr int64_t kBlockPixels = kWideBlockPixels;
-    static constexpr bool kPrefetch = true;
+    static constexpr int64_t kPrefetchAhead = kSumPrefetchTerms;
     static constexpr int kGroup = 1;
     static Acc zero() { return _mm512_setzero_si512(); }
     static Acc add(Acc a, const Elem* p) {
@@ -92,7 +92,7 @@ struct I8 {
     };
     static constexpr int64_t kLanes = 64;
     static constexpr int64_t kBlockPixels = kWideBlockPixels;
-    static constexpr bool kPrefetch = true;
+    static constexpr int64_t kPrefetchAhead = kSumPrefetchTerms;
     static constexpr int kGroup = 1;
     static Acc zero() { return {_mm512_setzero_si512(), _mm512_setzero_si512()}; }
     static Acc add(Acc a, const Elem* p) {

@@ -37,7 +37,7 @@ struct F16Partial {
     };
     static constexpr int64_t kLanes = 32;
     static constexpr int64_t kBlockPixels = kWideBlockPixels;
-    static constexpr bool kPrefetch = true;
+    static constexpr int64_t kPrefetchAhead = kSumPrefetchTerms;
     static constexpr int kGroup = kFp16PartialTerms;
     static Acc zero() { return {_mm512_setzero_ph(), _mm512_setzero_ps(), _mm512_setzero_ps()}; }
     static Acc add(Acc a, const Elem* p) { return {_mm512_add_ph(a.part, _mm512_loadu_ph(p)), a.low, a.high}; }

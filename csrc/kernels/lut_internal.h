@@ -45,6 +45,14 @@ constexpr int64_t kPixelBlock = 64;
 /// data, not one per 64 pixels, and its offset is read once per 128 pixels: in-process A/B
 /// against 64-pixel blocks (2026-12-06), fp16 5-6%, int16 4-5%, int8 1-4% faster, fp32 0-2%.
 constexpr int64_t kWideBlockPixels = 128;
+/// How many terms ahead the AVX-512 sums prefetch a term's runs: 4 (a 128-pixel block's runs of
+/// two channels are 6-10 cache lines per term), and 1 for fp32 (18 lines per term, more than the
+/// core's 16 outstanding L1 misses). In-process A/B: 4 against 8 made VGG fp32 ~5% and fp16/int16
+/// ~2% faster, int8 and LeNet conv2 0-3% (2 and 3 were no better for them, 16 slower); for fp32,
+/// 2 against 4 gave VGG 28x28x256 -7%, VGG 56x56x128 -4%, LeNet conv2 -2%, and 1 against 2 another
+/// 1-3.5%.
+constexpr int64_t kSumPrefetchTerms = 4;
+constexpr int64_t kSumPrefetchTermsF32 = 1;
 /// Output channels an E-FC kernel handles per block (codes are stored [block][segment][64]).
 constexpr int64_t kFcBlock = 64;
 /// Largest number of int8 table terms summed in one run: their offset-binary bytes (below) sum

@@ -5,14 +5,10 @@
 // T provides: Elem (table element), Acc (accumulator register), kLanes (pixels per Acc),
 // kBlockPixels (pixels per register block), zero(), add(Acc, const Elem*) (load kLanes elements,
 // widen, add), store(Acc, const float* base_or_null, float bias, float scale, float* out,
-// int64_t terms), kPrefetch (whether to prefetch the table runs of later terms), and kGroup
-// with flush(Acc): kGroup > 1 adds that many terms into a narrow partial sum, then flush()
-// widens it into the sums (kGroup = 1: flush is never called).
-
-// How many terms ahead the sums prefetch runs. 4 rather than 8 since the blocks are 128 pixels
-// wide (twice the lines per term): in-process A/B, VGG fp32 ~5% faster, fp16/int16 ~2%, int8 and
-// LeNet conv2 0-3%; 2 and 3 were no better than 4, 16 slower.
-constexpr int64_t kPrefetchTerms = 4;
+// int64_t terms), kPrefetchAhead (how many terms ahead to prefetch the table runs; 0: none;
+// kSumPrefetchTerms in lut_internal.h), and kGroup with flush(Acc): kGroup > 1 adds that many
+// terms into a narrow partial sum, then flush() widens it into the sums (kGroup = 1: flush is
+// never called).
 
 // Sums CH output channels over one block of NV * kLanes pixels (kBlockPixels, or fewer at the
 // end of a row of blocks) with all accumulators in registers: every term is NV contiguous loads
@@ -25,12 +21,12 @@ inline void accumulate_block(const typename T::Elem* table, const int32_t* const
         for (int i = 0; i < NV; ++i) acc[c][i] = T::zero();
     }
     const auto term = [&](int64_t k) __attribute__((always_inline)) {
-        if (T::kPrefetch) {
+        if constexpr (T::kPrefetchAhead > 0) {
             // The runs a block reads lie all over an L2-sized table; their addresses are known
-            // ahead, and fetching them kPrefetchTerms early hid most of the L2 latency that
+            // ahead, and fetching them a few terms early hid most of the L2 latency that
             // bounded the loop (int8 VGG 28x28x256 with 64-pixel blocks, 8 terms ahead: 1.78 ->
             // 1.27 ns per term and block).
-            const int64_t ahead = std::min(k + kPrefetchTerms, terms - 1);
+            const int64_t ahead = std::min(k + T::kPrefetchAhead, terms - 1);
             for (int c = 0; c < CH; ++c) {
                 const char* run = reinterpret_cast<const char*>(table + offs[c][ahead] + q0);
                 constexpr int kBytes = static_cast<int>(NV * T::kLanes * sizeof(typename T::Elem));
