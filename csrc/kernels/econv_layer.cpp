@@ -13,10 +13,10 @@
 // stores, or sgemm plus a narrowing pass), and sums the runs with the ISA kernels of
 // lut_internal.h. int8 layers on CPUs with AVX-512 VNNI build the table from uint8
 // activations and int8 codewords (vpdpbusd).
-#include <cstdint>
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -348,7 +348,7 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in, int requested_threads) const {
     const int64_t last_strip_start = (p.strips - 1) * p.strip_rows * p.phase_w;
     p.plane_stride = round_up(std::max(p.phase_h * p.phase_w, last_strip_start + p.ld), 16);
     if (size_product({slots, total_rows, p.ld}) > std::numeric_limits<int32_t>::max()) fail("lookup table too large");
-    const int64_t segment_table_bytes = slots * max_rows * p.ld * bytes;
+    const int64_t segment_table_bytes = std::max<int64_t>(slots * max_rows * p.ld * bytes, 1);
     // When that floor makes the strip's table outgrow the budget, it is built and summed a
     // chunk of segments at a time: a table spilling to L3 made both its (store-bound) build and
     // its sums slow. A chunk is also kept within 3x the strip's output rows, which every chunk's
@@ -360,8 +360,7 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in, int requested_threads) const {
     // allows: each chunk costs its sums a load and a store of the output rows, about what a few
     // terms cost, and a 1x1 layer with small output rows would otherwise sum one term per chunk.
     const int64_t out_row_bytes = size_product({out_channels / g.group, p.strip_pixels, 4});
-    const int64_t fit = budget / std::max<int64_t>(segment_table_bytes, 1);
-    const int64_t lean = 3 * out_row_bytes / std::max<int64_t>(segment_table_bytes, 1);
+    const int64_t fit = budget / segment_table_bytes, lean = 3 * out_row_bytes / segment_table_bytes;
     const int64_t enough_terms = ceil_div(16, kernel_h * kernel_w);
     p.chunk_segments = std::clamp<int64_t>(std::min(fit, std::max(lean, enough_terms)), 1, rho);
     int64_t chunk_rows_max = 0;
@@ -691,7 +690,7 @@ void EConvLayer::run(const float* x, const Shape4& in, float* y, float* workspac
     }
 
     float* workers = phases + p.input_floats + p.quantised_floats;
-    detail::parallel_units(in.n * m.geometry.group * p.strips, p.workers, [&](int64_t worker, int64_t unit) {
+    detail::parallel_units(units * p.strips, p.workers, [&](int64_t worker, int64_t unit) {
         const int64_t strip = unit % p.strips, image_group = unit / p.strips;
         m.run_strip(p, phases, m.vnni ? &quantised[image_group] : nullptr, offsets, image_group / m.geometry.group,
                     image_group % m.geometry.group, strip, scales[image_group], partial[image_group] != 0,

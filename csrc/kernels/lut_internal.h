@@ -41,9 +41,10 @@ CodeView validated_codes(const EncodedWeight& weight, std::vector<int64_t>& rows
 /// simd_accumulate.inl: this many with AVX2, kWideBlockPixels with AVX-512) end a call with a
 /// narrower block that stops at the pixels rounded up to one vector, within that padding.
 constexpr int64_t kPixelBlock = 64;
-/// The AVX-512 sums' register blocks: 128 pixels. A term's unaligned run then spans one cache line more than its
-/// data, not one per 64 pixels, and its offset is read once per 128 pixels: in-process A/B
-/// against 64-pixel blocks (2026-12-06), fp16 5-6%, int16 4-5%, int8 1-4% faster, fp32 0-2%.
+/// The AVX-512 sums' register blocks: 128 pixels. A term's unaligned run then spans one cache
+/// line more than its data, not one per 64 pixels, and its offset is read once per 128 pixels:
+/// in-process A/B against 64-pixel blocks (2026-12-06), fp16 5-6%, int16 4-5%, int8 1-4% faster,
+/// fp32 0-2%.
 constexpr int64_t kWideBlockPixels = 128;
 /// How many terms ahead the AVX-512 sums prefetch a term's runs: 4 (a 128-pixel block's runs of
 /// two channels are 6-10 cache lines per term), and 1 for fp32 (18 lines per term, more than the

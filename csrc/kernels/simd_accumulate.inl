@@ -1,6 +1,7 @@
 // The table-sum loop shared by the AVX2 and AVX-512 kernels, written once over a SIMD traits
-// type T (see kernels_avx2.cpp / kernels_avx512.cpp / kernels_avx512fp16.cpp). Included only after an ISA's target
-// pragma, inside an anonymous namespace, so each ISA gets its own compiled copy.
+// type T (see kernels_avx2.cpp / kernels_avx512.cpp / kernels_avx512fp16.cpp). Included only
+// after an ISA's target pragma, inside an anonymous namespace, so each ISA gets its own
+// compiled copy.
 //
 // T provides: Elem (table element), Acc (accumulator register), kLanes (pixels per Acc),
 // kBlockPixels (pixels per register block), zero(), add(Acc, const Elem*) (load kLanes elements,
