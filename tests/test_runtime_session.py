@@ -20,6 +20,7 @@ import neuralmerge
 import neuralmerge.cli as cli
 from neuralmerge.errors import ConfigError
 from neuralmerge.runtime import FeedError, ModelError, Session, pack_model
+from neuralmerge.runtime.bench import interleaved_ms
 from neuralmerge.runtime.cli_runtime import bench_cmd, pack_cmd, run_cmd
 from neuralmerge.zoo.architectures import LeNet, MobileNetStyle, ResNetStyle, VGGStyle
 from neuralmerge.zoo.train import export_onnx
@@ -482,6 +483,18 @@ def test_node_times_need_a_profiling_session(merged):
         session.node_times()
     with pytest.raises(ConfigError, match="profile must be True or False"):
         Session(pack_model(merged["lenet_pair"]), profile="yes")
+
+
+def test_benchmark_configurations_take_turns():
+    calls = []
+    runs = {"slow": lambda: (calls.append("slow"), time.sleep(0.002)), "fast": lambda: calls.append("fast")}
+    ms = interleaved_ms(runs, 10, {"slow": 2, "fast": 0})
+    assert ms["slow"] > 2 > 0.5 > ms["fast"] >= 0
+    # Warm-up, then five rounds of one untimed and two timed calls each, alternating.
+    assert calls == ["slow"] * 2 + (["slow"] * 3 + ["fast"] * 3) * 5
+    calls.clear()
+    interleaved_ms(runs, 7, {"slow": 0, "fast": 0})  # 7 timed calls in rounds of 2: 2, 2, 2, 1
+    assert calls == (["slow"] * 3 + ["fast"] * 3) * 3 + ["slow"] * 2 + ["fast"] * 2
 
 
 def test_cli_bench_against_the_originals(merged, lenet_sources, tmp_path):

@@ -2,7 +2,8 @@
 
 The originals run back to back in one loop, as a device serving all tasks would, in ONNX
 Runtime fp32 (ORT_ENABLE_ALL) and statically quantised to int8 (QDQ, per-channel). Every
-figure is a median over timed repetitions after warm-up; ratios come from the same run.
+figure is a median over timed repetitions after warm-up; ratios come from the same run, whose
+configurations take turns in rounds so that load from other processes falls on all of them.
 """
 from __future__ import annotations
 
@@ -21,23 +22,40 @@ from neuralmerge.errors import ConfigError
 from neuralmerge.io.onnx_files import ort_session
 from neuralmerge.runtime.session import PRECISIONS, Session
 
-__all__ = ["benchmark", "format_benchmark", "format_profile", "median_ms", "random_feeds", "quantize_int8",
-           "session_peak_rss"]
+__all__ = ["benchmark", "format_benchmark", "format_profile", "interleaved_ms", "median_ms", "random_feeds",
+           "quantize_int8", "session_peak_rss"]
 
 
 SETTLE_RUNS = 7  # kWarmupRuns + 2 * kTrialRuns in csrc/executor/session.cpp
+ROUNDS = 5  # turns each configuration takes in interleaved_ms
 
 
 def median_ms(fn: Callable[[], object], repeat: int, warmup: int) -> float:
     """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    return interleaved_ms({"fn": fn}, repeat, {"fn": warmup})["fn"]
+
+
+def interleaved_ms(runs: dict[str, Callable[[], object]], repeat: int, warmup: dict[str, int]) -> dict[str, float]:
+    """Median wall time in milliseconds of each of ``runs`` over ``repeat`` timed calls.
+
+    After ``warmup[name]`` untimed calls each, the calls are taken in up to ROUNDS rounds in which
+    every configuration has its turn (one untimed call, then its share of the timed ones). Timed
+    one after another, a minute of load from another process on this shared kind of machine
+    fell on one configuration alone and moved the ratios by 10-20%.
+    """
+    for name, fn in runs.items():
+        for _ in range(warmup[name]):
+            fn()
+    per_round = -(-repeat // ROUNDS)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    while any(len(t) < repeat for t in times.values()):
+        for name, fn in runs.items():
+            fn()  # its caches, evicted by the configuration before
+            for _ in range(min(per_round, repeat - len(times[name]))):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t) * 1e3) for name, t in times.items()}
 
 
 def batch1_shape(name: str, shape, what: str) -> list[int]:
@@ -124,15 +142,16 @@ def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, 
     packed = Path(merged).read_bytes() if is_packed(merged) else pack_model(merged)
     result["merged"]["nmpack_bytes"] = len(packed)
     merged_inputs = {tuple(batch1_shape(s.name, s.shape, "merged model")[1:]) for s in Session(packed).inputs}
+    runs: dict[str, Callable[[], object]] = {}
     if baselines:
         fp32 = [ort_session(b, threads) for b in baselines]
         fp32_feeds = [random_feeds(s, rng, f"baseline {b}") for s, b in zip(fp32, baselines)]
-        for path, feeds in zip(baselines, fp32_feeds):
-            for name, x in feeds.items():  # a baseline is one of the models merged: it takes one of the inputs
+        for path, baseline_feeds in zip(baselines, fp32_feeds):
+            for name, x in baseline_feeds.items():  # a baseline is one of the models merged: it takes one of the inputs
                 if tuple(x.shape[1:]) not in merged_inputs:
                     raise ConfigError(f"baseline {path} takes '{name}' of shape {list(x.shape)}, which no input of "
                                       f"the merged model has; --baseline names the models that were merged")
-        result["ort_fp32_ms"] = median_ms(lambda: [s.run(None, f) for s, f in zip(fp32, fp32_feeds)], repeat, warmup)
+        runs["ort_fp32"] = lambda: [s.run(None, f) for s, f in zip(fp32, fp32_feeds)]
         if int8_baseline:
             with tempfile.TemporaryDirectory() as tmp:
                 int8_paths = [Path(tmp) / f"int8_{i}.onnx" for i in range(len(baselines))]
@@ -140,24 +159,32 @@ def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, 
                     quantize_int8(source, target, seed=seed)
                 result["ort_int8_bytes"] = [p.stat().st_size for p in int8_paths]
                 int8 = [ort_session(p, threads) for p in int8_paths]
-            result["ort_int8_ms"] = median_ms(lambda: [s.run(None, f) for s, f in zip(int8, fp32_feeds)], repeat, warmup)
+            runs["ort_int8"] = lambda: [s.run(None, f) for s, f in zip(int8, fp32_feeds)]
+    warmups = {name: warmup for name in runs}
 
+    feeds = {}
     for lut in luts:
         session = Session(packed, lut=lut, threads=threads)
-        feeds = {s.name: rng.standard_normal(batch1_shape(s.name, s.shape, "merged model")).astype(np.float32)
-                 for s in session.inputs}
+        feeds[lut] = {s.name: rng.standard_normal(batch1_shape(s.name, s.shape, "merged model")).astype(np.float32)
+                      for s in session.inputs}
+        runs[lut] = lambda session=session, lut=lut: session.run(feeds[lut])
         # A session with 2+ threads tries two ways of running a merged model's tasks on its first
         # SETTLE_RUNS runs (docs/runtime.md); those are warm-up, whatever --warmup says.
-        ms = median_ms(lambda: session.run(feeds), repeat, max(warmup, SETTLE_RUNS))
-        result["runtime_ms"][lut] = ms
+        warmups[lut] = max(warmup, SETTLE_RUNS)
+    ms = interleaved_ms(runs, repeat, warmups)
+    for name in ("ort_fp32", "ort_int8"):
+        if name in ms:
+            result[f"{name}_ms"] = ms[name]
+    for lut in luts:
+        result["runtime_ms"][lut] = ms[lut]
         ratios = {}
         if "ort_fp32_ms" in result:
-            ratios["vs_ort_fp32"] = result["ort_fp32_ms"] / ms
+            ratios["vs_ort_fp32"] = result["ort_fp32_ms"] / ms[lut]
         if "ort_int8_ms" in result:
-            ratios["vs_ort_int8"] = result["ort_int8_ms"] / ms
+            ratios["vs_ort_int8"] = result["ort_int8_ms"] / ms[lut]
         result["ratios"][lut] = ratios
         if profile:
-            result.setdefault("profile", {})[lut] = _node_profile(packed, lut, threads, feeds, repeat, warmup)
+            result.setdefault("profile", {})[lut] = _node_profile(packed, lut, threads, feeds[lut], repeat, warmup)
     with tempfile.TemporaryDirectory() as tmp:
         pack_path = Path(tmp) / "merged.nmpack"
         pack_path.write_bytes(packed)
