@@ -92,6 +92,15 @@ def test_same_seed_same_result(pair, int8_aware):
     assert runs[0].metadata_props == runs[1].metadata_props  # int8_scales included
 
 
+def stopping_in_epoch(stop: int, train_epoch):
+    """Calibrator._train_epoch that presses Ctrl-C as epoch ``stop`` begins."""
+    def train(self, epoch, state, total):
+        if epoch == stop:
+            raise KeyboardInterrupt
+        return train_epoch(self, epoch, state, total)
+    return train
+
+
 @pytest.mark.parametrize("int8_aware", [False, True])
 def test_interrupt_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(pair, tmp_path, monkeypatch, int8_aware):
     # int8-aware runs once measured each epoch's activation ranges from the previous epoch's,
@@ -101,13 +110,7 @@ def test_interrupt_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(p
                 calibration={**FAST, "epochs": 3, "patience": 5, "int8_aware": int8_aware})
     reference = neuralmerge.merge([a, b], **opts).model
     real_epoch = trainer_module.Calibrator._train_epoch
-
-    def stop_in_epoch_2(self, epoch, state, total):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_epoch(self, epoch, state, total)
-
-    monkeypatch.setattr(trainer_module.Calibrator, "_train_epoch", stop_in_epoch_2)
+    monkeypatch.setattr(trainer_module.Calibrator, "_train_epoch", stopping_in_epoch(2, real_epoch))
     out = tmp_path / "m.onnx"
     with pytest.raises(CalibrationInterrupted, match="interrupted after 1 of 3 calibration epochs; resume with --resume"):
         neuralmerge.merge([a, b], out, **opts)
@@ -120,6 +123,23 @@ def test_interrupt_leaves_a_checkpoint_and_resume_matches_an_uninterrupted_run(p
         np.testing.assert_array_equal(got[name], want[name])
     assert resumed.model.metadata_props == reference.metadata_props
     assert len(resumed.report["calibration"]["history"]) == 3
+
+
+def test_resume_keeps_the_epoch_count(pair, tmp_path, monkeypatch):
+    # The learning rate follows a schedule over all epochs, so a run resumed with another
+    # --epochs would match neither run: refused, naming the count to resume with.
+    a, b, xa, xb = pair
+    real_epoch = trainer_module.Calibrator._train_epoch
+    monkeypatch.setattr(trainer_module.Calibrator, "_train_epoch", stopping_in_epoch(2, real_epoch))
+    opts = dict(r=4, codewords=16, quiet=True, calib=[xa, xb], checkpoint_dir=tmp_path / "ck")
+    with pytest.raises(CalibrationInterrupted):
+        neuralmerge.merge([a, b], calibration={**FAST, "epochs": 3, "patience": 5}, **opts)
+    monkeypatch.setattr(trainer_module.Calibrator, "_train_epoch", real_epoch)
+    with pytest.raises(CheckpointMismatch, match=r"is a run of 3 calibration epochs \(1 done\); resume it with "
+                                                 r"--epochs 3"):
+        neuralmerge.merge([a, b], calibration={**FAST, "epochs": 5, "patience": 5}, resume=True, **opts)
+    result = neuralmerge.merge([a, b], calibration={**FAST, "epochs": 3, "patience": 5}, resume=True, **opts)
+    assert len(result.report["calibration"]["history"]) == 3
 
 
 def test_resume_rejects_a_checkpoint_of_other_models(pair, tmp_path, monkeypatch):

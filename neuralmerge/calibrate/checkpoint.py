@@ -2,7 +2,8 @@
 
 The file carries a fingerprint of everything that decides the result except the epoch count
 (source models' bytes, calibration data, encoding and calibration settings, seed), so
-``--resume`` refuses a checkpoint made for other models or data.
+``--resume`` refuses a checkpoint made for other models or data. The training stage records the
+epoch count itself, and the trainer refuses to continue it with another.
 """
 from __future__ import annotations
 

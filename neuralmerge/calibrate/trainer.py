@@ -25,7 +25,7 @@ from ..graph.importer import OnnxModule
 from ..graph.layers import Layer
 from ..settings import CalibrationSettings
 from . import distributed
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, CheckpointMismatch
 from .loop import new_state, progress, run_epochs, sharded_totals, train_step
 from .data import CalibrationSet, split_holdout
 from .losses import calibration_loss, is_class_scores
@@ -129,12 +129,19 @@ class Calibrator:
         start = time.perf_counter()
         state = checkpoint.get("training") if checkpoint is not None else None
         if state is not None:
+            # The learning-rate schedule spans the run's epoch count: continuing with another
+            # count would give a result that neither run would.
+            planned = state.get("epochs", self.settings.epochs)
+            if planned != self.settings.epochs:
+                raise CheckpointMismatch(f"--resume: {checkpoint.path} is a run of {planned} calibration epochs "
+                                         f"({state['epoch']} done); resume it with --epochs {planned}")
             state = self._restore(state)
             self.measure_int8_ranges()
         else:
             self.measure_int8_ranges()
             before = self.evaluate()
-            state = {**new_state(best_key=self._key(before), best=self._snapshot()), "step": 0, "before": before}
+            state = {**new_state(best_key=self._key(before), best=self._snapshot()), "step": 0, "before": before,
+                     "epochs": self.settings.epochs}
             if checkpoint is not None:
                 checkpoint.save("training", self._with_weights(state))
         total_steps = self.settings.epochs * self._steps_per_epoch()
