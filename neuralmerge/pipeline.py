@@ -116,6 +116,9 @@ def plan(models: list, *, config=None, preset: str | None = None, r: int | None 
             continue
         settings[g.name] = GroupSetting(min(s.r, min(m.depth for m in g.members)), s.codewords)
         encoded_groups.append(g)
+    if not encoded_groups:  # the output would be the sources side by side, no smaller
+        raise ConfigError(f"{cfg.source}: every layer group is set to skip ({', '.join(g.name for g in groups)}), "
+                          "so nothing would be merged")
     return Plan(sources, sizes, originals, normalised, names, layers, encoded_groups, settings, dense, cfg, opset)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import neuralmerge
-from neuralmerge.errors import NeuralMergeError
+from neuralmerge.errors import ConfigError, NeuralMergeError
 from neuralmerge.fidelity import ort_session
 from neuralmerge.zoo.architectures import LeNet
 from hetero_models import export, hetero_pair
@@ -128,6 +129,11 @@ def test_config_controls_groups(tmp_path):
     assert "conv1" not in names
     assert names["conv2"]["r"] == 2 and max(names["conv2"]["segment_codewords"]) <= 8
     assert all(g["r"] == 4 for n, g in names.items() if n not in ("conv2",) and g["kind"] == "fc")
+    # Skipping every group would write the sources side by side: an error naming the config.
+    groups = [g.name for g in neuralmerge.plan([a, b]).groups]
+    cfg.write_text("layers:\n" + "".join(f"  {name}: {{skip: true}}\n" for name in groups))
+    with pytest.raises(ConfigError, match=f"{re.escape(str(cfg))}: every layer group is set to skip"):
+        neuralmerge.merge([a, b], config=str(cfg), quiet=True)
 
 
 def test_mobilenet_with_vgg_batchnorm_folded_and_exact(tmp_path):
