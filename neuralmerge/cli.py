@@ -1,7 +1,8 @@
 """The ``neuralmerge`` command line (click).
 
 Every command turns a ``NeuralMergeError`` into one line on stderr and exit status 1; any other
-exception is reported the same way (``internal error``) unless ``-v`` asks for the traceback.
+exception is reported the same way (``internal error``, exit status 3) unless ``-v`` asks for the
+traceback. A malformed command line exits with click's status 2.
 """
 from __future__ import annotations
 

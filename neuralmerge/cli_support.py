@@ -17,6 +17,11 @@ import click
 from .errors import NeuralMergeError
 
 
+# Exit statuses: 1 for bad input (NeuralMergeError), 2 for a malformed command line (click's), 3 for
+# a failure of neuralmerge itself, so that scripts can tell a bug from their own mistake.
+INTERNAL_ERROR = 3
+
+
 def user_errors(fn):
     """Decorate a click command: add ``-v/--verbose`` and map failures to one line and a non-zero exit.
 
@@ -46,7 +51,7 @@ def user_errors(fn):
                 raise
             first = (str(exc).strip().splitlines() or [""])[0]
             click.echo(f"error: internal error: {type(exc).__name__}: {first} (run with -v for details)", err=True)
-            sys.exit(2)
+            sys.exit(INTERNAL_ERROR)
 
     if wants_verbose:  # click must not see 'verbose' twice: the wrapper's option supplies it
         wrapper.__signature__ = inspect.signature(fn)

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from hetero_models import hetero_pair
@@ -147,6 +148,24 @@ def test_verbose_shows_traceback(pair, tmp_path):
     a, _ = pair
     proc = cli("merge", a, tmp_path / "missing.onnx", "-o", tmp_path / "o.onnx", "-v")
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_internal_errors_exit_with_their_own_status(pair, monkeypatch):
+    # A bug of ours (any exception that is not a NeuralMergeError) exits with 3, apart from bad
+    # input (1) and a malformed command line (2); -v shows its traceback.
+    import neuralmerge.cli as cli_module
+    import neuralmerge.pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(neuralmerge.pipeline, "plan", broken)
+    a, b = pair
+    result = CliRunner().invoke(cli_module.main, ["inspect", str(a), str(b)])
+    assert result.exit_code == 3
+    assert result.output == "error: internal error: RuntimeError: boom (run with -v for details)\n"
+    result = CliRunner().invoke(cli_module.main, ["inspect", str(a), str(b), "-v"])
+    assert isinstance(result.exception, RuntimeError)
 
 
 @pytest.mark.parametrize("args,fragment", [
