@@ -234,10 +234,21 @@ def test_bad_inputs_are_rejected_at_run():
     rng = np.random.default_rng(4)
     codebook, codes, offsets = random_encoding(rng, (2, 3, 3), 4, 2)
     layer = EConv(codebook, codes, offsets, 4, np.zeros(2, np.float32))
-    with pytest.raises(KernelInputError, match="channels"):
-        layer(np.zeros((1, 5, 6, 6), np.float32))
-    with pytest.raises(KernelInputError, match="larger than the padded input"):
-        layer(np.zeros((1, 4, 2, 2), np.float32))
+    good = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    expected = layer(good)
+    # A shape seen before (its output shape remembered) still has every other input checked.
+    for _ in range(2):
+        with pytest.raises(KernelInputError, match="channels"):
+            layer(np.zeros((1, 5, 6, 6), np.float32))
+        with pytest.raises(KernelInputError, match="larger than the padded input"):
+            layer(np.zeros((1, 4, 2, 2), np.float32))
+        with pytest.raises(KernelInputError, match="4-D"):
+            layer(np.zeros((4, 6, 6), np.float32))
+        with pytest.raises(KernelInputError, match="floating-point"):
+            layer(good.astype(np.int32))
+        np.testing.assert_array_equal(layer(good), expected)
+        np.testing.assert_array_equal(layer(good.astype(np.float64)), expected)  # converted
+        np.testing.assert_array_equal(layer(np.asfortranarray(good)), expected)  # made contiguous
     fc_codebook, fc_codes, fc_offsets = random_encoding(rng, (3,), 6, 2)
     fc = EGemm(fc_codebook, fc_codes, fc_offsets, 6, np.zeros(3, np.float32))
     with pytest.raises(KernelInputError, match="features"):
