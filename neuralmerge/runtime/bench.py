@@ -2,8 +2,9 @@
 
 The originals run back to back in one loop, as a device serving all tasks would, in ONNX
 Runtime fp32 (ORT_ENABLE_ALL) and statically quantised to int8 (QDQ, per-channel). Every
-figure is a median over timed repetitions after warm-up; ratios come from the same run, whose
-configurations take turns in rounds so that load from other processes falls on all of them.
+figure is a median over timed repetitions after warm-up; ratios come from the same run. On one
+thread the configurations take turns in rounds, so that load from other processes falls on all
+of them.
 """
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ def median_ms(fn: Callable[[], object], repeat: int, warmup: int) -> float:
 def interleaved_ms(runs: dict[str, Callable[[], object]], repeat: int, warmup: dict[str, int]) -> dict[str, float]:
     """Median wall time in milliseconds of each of ``runs`` over ``repeat`` timed calls.
 
-    After ``warmup[name]`` untimed calls each, the calls are taken in up to ROUNDS rounds in which
-    every configuration has its turn (one untimed call, then its share of the timed ones). Timed
-    one after another, a minute of load from another process on this shared kind of machine
-    fell on one configuration alone and moved the ratios by 10-20%.
+    After ``warmup[name]`` untimed calls each, the calls are taken in rounds (ROUNDS of
+    ceil(repeat / ROUNDS) calls, the last one shorter) in which every configuration has its turn:
+    one untimed call, then its share of the timed ones. Timed one after another, a minute of load
+    from another process on this shared kind of machine fell on one configuration alone and moved
+    the ratios by 10-20%.
     """
     for name, fn in runs.items():
         for _ in range(warmup[name]):
@@ -171,7 +173,16 @@ def benchmark(merged: str | os.PathLike, baselines: list[str | os.PathLike], *, 
         # A session with 2+ threads tries two ways of running a merged model's tasks on its first
         # SETTLE_RUNS runs (docs/runtime.md); those are warm-up, whatever --warmup says.
         warmups[lut] = max(warmup, SETTLE_RUNS)
-    ms = interleaved_ms(runs, repeat, warmups)
+    if threads == 1:
+        ms = interleaved_ms(runs, repeat, warmups)
+    else:
+        # With 2+ threads, one configuration's thread pool keeps spinning after its calls (ONNX
+        # Runtime's by default) and slowed the next configuration's turn (the runtime's LeNet
+        # pair at int8 up to 6x, ORT int8 20-45%), so each configuration is timed on its own.
+        ms = {}
+        for name, fn in runs.items():
+            time.sleep(0.1)  # the previous configuration's threads stop spinning
+            ms[name] = interleaved_ms({name: fn}, repeat, {name: warmups[name]})[name]
     for name in ("ort_fp32", "ort_int8"):
         if name in ms:
             result[f"{name}_ms"] = ms[name]
