@@ -1,7 +1,7 @@
 """What every ``neuralmerge`` command shares: one-line errors and ``-v``.
 
 A ``NeuralMergeError`` becomes ``error: <message>`` on stderr and exit status 1; any other
-exception is reported the same way as an internal error (status 2); ``-v`` shows tracebacks.
+exception is reported the same way as an internal error (status 3); ``-v`` shows tracebacks.
 Kept apart from ``cli.py`` so that command modules can use it without importing every command.
 """
 from __future__ import annotations

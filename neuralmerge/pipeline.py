@@ -191,9 +191,9 @@ def merge(models: list, output: str | os.PathLike | None = None, *, config=None,
     try:
         try:
             onnx.checker.check_model(merged, full_check=True)
-        except Exception as exc:  # a bug of ours, not the user's: say so plainly
-            raise NeuralMergeError(f"internal error: the merged model fails the ONNX checker: "
-                                   f"{str(exc).strip().splitlines()[0]}") from exc
+        except Exception as exc:  # a bug of ours, not the user's: the CLI reports it as an internal error
+            raise RuntimeError(f"the merged model fails the ONNX checker: "
+                               f"{str(exc).strip().splitlines()[0]}") from exc
         if fidelity_inputs is None and data is not None:
             fidelity_inputs = [{d.input_name: d.x[m.holdout[:FIDELITY_MAX]]} for d, m in zip(data, calibrator.models)]
         fidelity = measure_fidelity(p.originals, merged, p.names, samples=fidelity_samples, seed=seed,

@@ -130,16 +130,20 @@ def test_resume_keeps_the_epoch_count(pair, tmp_path, monkeypatch):
     # --epochs would match neither run: refused, naming the count to resume with.
     a, b, xa, xb = pair
     real_epoch = trainer_module.Calibrator._train_epoch
-    monkeypatch.setattr(trainer_module.Calibrator, "_train_epoch", stopping_in_epoch(2, real_epoch))
     opts = dict(r=4, codewords=16, quiet=True, calib=[xa, xb], checkpoint_dir=tmp_path / "ck")
-    with pytest.raises(CalibrationInterrupted):
+    # Interrupted before an epoch has trained: the schedule has not begun, any count will do.
+    monkeypatch.setattr(trainer_module.Calibrator, "_train_epoch", stopping_in_epoch(1, real_epoch))
+    with pytest.raises(CalibrationInterrupted, match="after 0 of 3"):
         neuralmerge.merge([a, b], calibration={**FAST, "epochs": 3, "patience": 5}, **opts)
+    monkeypatch.setattr(trainer_module.Calibrator, "_train_epoch", stopping_in_epoch(2, real_epoch))
+    with pytest.raises(CalibrationInterrupted, match="after 1 of 4"):
+        neuralmerge.merge([a, b], calibration={**FAST, "epochs": 4, "patience": 5}, resume=True, **opts)
     monkeypatch.setattr(trainer_module.Calibrator, "_train_epoch", real_epoch)
-    with pytest.raises(CheckpointMismatch, match=r"is a run of 3 calibration epochs \(1 done\); resume it with "
-                                                 r"--epochs 3"):
+    with pytest.raises(CheckpointMismatch, match=r"is a run of 4 calibration epochs \(1 done\); resume it with "
+                                                 r"--epochs 4"):
         neuralmerge.merge([a, b], calibration={**FAST, "epochs": 5, "patience": 5}, resume=True, **opts)
-    result = neuralmerge.merge([a, b], calibration={**FAST, "epochs": 3, "patience": 5}, resume=True, **opts)
-    assert len(result.report["calibration"]["history"]) == 3
+    result = neuralmerge.merge([a, b], calibration={**FAST, "epochs": 4, "patience": 5}, resume=True, **opts)
+    assert len(result.report["calibration"]["history"]) == 4
 
 
 def test_resume_rejects_a_checkpoint_of_other_models(pair, tmp_path, monkeypatch):

@@ -168,6 +168,26 @@ def test_internal_errors_exit_with_their_own_status(pair, monkeypatch):
     assert isinstance(result.exception, RuntimeError)
 
 
+def test_a_merged_model_failing_the_checker_is_an_internal_error(pair, tmp_path, monkeypatch):
+    import neuralmerge.cli as cli_module
+    import neuralmerge.pipeline
+
+    real_check = neuralmerge.pipeline.onnx.checker.check_model
+
+    def check(model, *args, **kwargs):  # the merged model (it has E-layer functions) fails
+        if any(f.domain == "ai.neuralmerge" for f in model.functions):
+            raise onnx.checker.ValidationError("bogus node")
+        return real_check(model, *args, **kwargs)
+
+    monkeypatch.setattr(neuralmerge.pipeline.onnx.checker, "check_model", check)
+    a, b = pair
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(cli_module.main, ["merge", str(a), str(b), "-o", str(out), "--quiet"])
+    assert result.exit_code == 3 and not out.exists()
+    assert result.output == ("error: internal error: RuntimeError: the merged model fails the ONNX checker: "
+                             "bogus node (run with -v for details)\n")
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--seed", "-1"], "neuralmerge merge: Invalid value for '--seed'"),
     (["--calib", "x.npy", "--lr", "nan"], "--lr must be a finite number"),

@@ -236,7 +236,8 @@ def test_bad_inputs_are_rejected_at_run():
     layer = EConv(codebook, codes, offsets, 4, np.zeros(2, np.float32))
     good = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
     expected = layer(good)
-    # A shape seen before (its output shape remembered) still has every other input checked.
+    # Invalid inputs are never remembered: a second call is checked again, beside valid shapes
+    # whose output shapes are.
     for _ in range(2):
         with pytest.raises(KernelInputError, match="channels"):
             layer(np.zeros((1, 5, 6, 6), np.float32))
@@ -253,6 +254,11 @@ def test_bad_inputs_are_rejected_at_run():
     fc = EGemm(fc_codebook, fc_codes, fc_offsets, 6, np.zeros(3, np.float32))
     with pytest.raises(KernelInputError, match="features"):
         fc(np.zeros((1, 5), np.float32))
+    # One feature: a 0-d input is one row of it, whatever its dtype.
+    one = EGemm(*random_encoding(rng, (3,), 1, 1), 1, np.zeros(3, np.float32))
+    row = one(np.array([2.0], np.float32))
+    for scalar in (np.array(2.0, np.float32), np.array(2.0), np.float32(2.0)):
+        np.testing.assert_array_equal(one(scalar), row)
 
 
 def test_set_isa_changes_the_default_variant():

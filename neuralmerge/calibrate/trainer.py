@@ -129,13 +129,13 @@ class Calibrator:
         start = time.perf_counter()
         state = checkpoint.get("training") if checkpoint is not None else None
         if state is not None:
-            # The learning-rate schedule spans the run's epoch count: continuing with another
-            # count would give a result that neither run would.
+            # The learning-rate schedule spans the run's epoch count: once an epoch has trained,
+            # continuing with another count would give a result that neither run would.
             planned = state.get("epochs", self.settings.epochs)
-            if planned != self.settings.epochs:
+            if planned != self.settings.epochs and state["epoch"] > 0:
                 raise CheckpointMismatch(f"--resume: {checkpoint.path} is a run of {planned} calibration epochs "
                                          f"({state['epoch']} done); resume it with --epochs {planned}")
-            state = self._restore(state)
+            state = {**self._restore(state), "epochs": self.settings.epochs}
             self.measure_int8_ranges()
         else:
             self.measure_int8_ranges()

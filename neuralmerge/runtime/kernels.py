@@ -234,8 +234,8 @@ class EGemm:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """``x`` ``[..., n_in]`` -> ``[..., n_out]`` float32."""
-        if type(x) is not np.ndarray or x.dtype != np.float32 or not x.flags.c_contiguous:  # as in EConv
-            x = _floats(x, "x")
+        if type(x) is not np.ndarray or x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim == 0:
+            x = _floats(x, "x")  # as in EConv; a 0-d input becomes one row of one feature, as before
         if x.ndim < 1:
             raise KernelInputError(f"x must be [..., n_in], got shape {x.shape}")
         rows = x.reshape(-1, x.shape[-1])
