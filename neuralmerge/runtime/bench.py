@@ -23,17 +23,12 @@ from neuralmerge.errors import ConfigError
 from neuralmerge.io.onnx_files import ort_session
 from neuralmerge.runtime.session import PRECISIONS, Session
 
-__all__ = ["benchmark", "format_benchmark", "format_profile", "interleaved_ms", "median_ms", "random_feeds",
-           "quantize_int8", "session_peak_rss"]
+__all__ = ["benchmark", "format_benchmark", "format_profile", "interleaved_ms", "random_feeds", "quantize_int8",
+           "session_peak_rss"]
 
 
 SETTLE_RUNS = 7  # kWarmupRuns + 2 * kTrialRuns in csrc/executor/session.cpp
 ROUNDS = 5  # turns each configuration takes in interleaved_ms
-
-
-def median_ms(fn: Callable[[], object], repeat: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    return interleaved_ms({"fn": fn}, repeat, {"fn": warmup})["fn"]
 
 
 def interleaved_ms(runs: dict[str, Callable[[], object]], repeat: int, warmup: dict[str, int]) -> dict[str, float]:
