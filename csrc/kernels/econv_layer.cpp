@@ -12,7 +12,8 @@
 // phase and segment a GEMM with inner dimension r: the ISA's fused kernel, which narrows as it
 // stores, or sgemm plus a narrowing pass), and sums the runs with the ISA kernels of
 // lut_internal.h. int8 layers on CPUs with AVX-512 VNNI build the table from uint8
-// activations and int8 codewords (vpdpbusd).
+// activations and int8 codewords (vpdpbusd); with unit strides those are quantised straight from
+// the input, and the fp32 phase planes are not written at all.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -157,13 +158,25 @@ struct ConvPlan {
     int64_t ld = 0;             // table row length
     int64_t chunk_segments = 0; // segments whose table is built (and summed) at a time
     std::vector<int64_t> chunk_rows;  // per chunk: table rows of its segments (of one phase slot)
-    int64_t input_floats = 0;   // phase planes of the whole input
+    // int8 VNNI layers with unit strides quantise the uint8 operands straight from the input
+    // (there is one phase): the fp32 phase planes are then never written.
+    bool direct_quantise = false;
+    int64_t input_floats = 0;   // phase planes of the whole input (0 with direct_quantise)
     int64_t quantised_floats = 0;  // int8 VNNI build: the phase planes as interleaved uint8
     int64_t table_floats = 0;   // per worker
     int64_t scratch_floats = 0; // per worker: fp32 sgemm output before narrowing
     int64_t out_floats = 0;     // per worker: the strip's rows of every output channel of a group
     int64_t worker_floats = 0;
     int workers = 1;
+};
+
+// The input's channels as planes of pixels: channel ch's plane for phase slot s starts at
+// data + ch * channel_stride + s * slot_stride and holds `pixels` values (padding included or not:
+// the bounds read from it do not change with zeros).
+struct InputPlanes {
+    const float* data = nullptr;
+    int64_t image_channels = 0, channel_stride = 0, slot_stride = 0, slots = 1, pixels = 0;
+    const float* at(int64_t channel, int64_t slot) const { return data + channel * channel_stride + slot * slot_stride; }
 };
 
 // One image group's activations as uint8 for the VNNI table build: value = scale * (q - zero),
@@ -206,9 +219,10 @@ struct EConvLayer::Impl {
     ConvPlan plan(const Shape4& in, int threads) const;
     std::shared_ptr<const std::vector<int32_t>> term_offsets(const ConvPlan& plan) const;
     void fill_phases(const float* x, const ConvPlan& plan, float* phases) const;
-    float entry_bound(const ConvPlan& plan, const float* phases, int64_t n, int64_t grp) const;
+    InputPlanes input_planes(const ConvPlan& plan, const float* x, const float* phases) const;
+    float entry_bound(const InputPlanes& planes, int64_t n, int64_t grp) const;
     void quantise_codebook();
-    QuantisedInput quantise_input(const ConvPlan& plan, const float* phases, int64_t n, int64_t grp,
+    QuantisedInput quantise_input(const ConvPlan& plan, const InputPlanes& planes, int64_t n, int64_t grp,
                                   uint8_t* out) const;
     void run_strip(const ConvPlan& plan, const float* phases, const QuantisedInput* quantised,
                    const std::vector<int32_t>& offsets, int64_t n, int64_t grp, int64_t strip, float scale,
@@ -370,7 +384,8 @@ ConvPlan EConvLayer::Impl::plan(const Shape4& in, int requested_threads) const {
         chunk_rows_max = std::max(chunk_rows_max, p.chunk_rows.back());
     }
 
-    p.input_floats = size_product({in.n, in.c, slots, p.plane_stride});
+    p.direct_quantise = vnni && g.stride_h == 1 && g.stride_w == 1;
+    p.input_floats = p.direct_quantise ? 0 : size_product({in.n, in.c, slots, p.plane_stride});
     p.quantised_floats = vnni ? round_up(size_product({in.n, geometry.group, rho, r4, slots, p.plane_stride}) / 4, 16) : 0;
     p.table_floats = round_up(ceil_div(slots * chunk_rows_max * p.ld * bytes, 4), 16);
     const bool narrows_scratch = options.precision != LutPrecision::kFp32 && !vnni &&
@@ -425,21 +440,38 @@ void EConvLayer::Impl::quantise_codebook() {
 
 // Activations of image n, group grp as uint8, four channels of a segment interleaved per pixel
 // (the vpdpbusd operand layout). The scale is options.input_scale when calibrated, else the
-// range of this input; inputs >= 0 use all 256 levels, others a zero point of 128.
-QuantisedInput EConvLayer::Impl::quantise_input(const ConvPlan& p, const float* phases, int64_t n, int64_t grp,
-                                                uint8_t* out) const {
-    const int64_t slots = static_cast<int64_t>(phase_slots.size());
-    const float* first = phases + (n * p.in.c + grp * depth) * slots * p.plane_stride;
-    const int64_t count = depth * slots * p.plane_stride;
+// range of this input; inputs >= 0 use all 256 levels, others a zero point of 128. With
+// direct_quantise the values come from x itself and the padding is the zero point's byte;
+// otherwise from the phase planes, padding included. (The padding's zeros never change the
+// quantisation: a zero point follows from a negative value, and the range from the larger of
+// the extremes' magnitudes.)
+QuantisedInput EConvLayer::Impl::quantise_input(const ConvPlan& p, const InputPlanes& planes, int64_t n,
+                                                int64_t grp, uint8_t* out) const {
+    const int64_t plane = static_cast<int64_t>(phase_slots.size()) * p.plane_stride;  // a channel quad: 4 * plane bytes
+    const int64_t stride = planes.channel_stride;  // plane, or one input channel with direct_quantise
+    const float* first = planes.at(n * planes.image_channels + grp * depth, 0);
     float low = 0.0f, high = 0.0f;
-    kernels->min_max(first, count, &low, &high);
+    kernels->min_max(first, depth * stride, &low, &high);
     const detail::ActivationQuantisation a = detail::activation_quantisation(low, high, options.input_scale);
-    const int64_t plane = slots * p.plane_stride;
+    if (p.direct_quantise) {
+        std::memset(out, static_cast<int>(a.zero), static_cast<size_t>(rho * r4 * plane));
+    }
     for (int64_t v = 0; v < rho; ++v) {
         const int64_t used = std::min(r, depth - v * r);
         for (int64_t k = 0; k < r4; k += 4) {
-            kernels->quantise_quad(first + (v * r + k) * plane, std::clamp<int64_t>(used - k, 0, 4), plane,
-                                   1.0f / a.step, a.low, a.high, a.zero, out + (v * r4 + k) * plane);
+            const int64_t channels = std::clamp<int64_t>(used - k, 0, 4);
+            uint8_t* quad = out + (v * r4 + k) * plane;
+            if (!p.direct_quantise) {
+                kernels->quantise_quad(first + (v * r + k) * stride, channels, stride, plane, 1.0f / a.step, a.low,
+                                       a.high, a.zero, quad);
+                continue;
+            }
+            const ConvGeometry& g = geometry;
+            for (int64_t h = 0; h < p.in.h; ++h) {
+                kernels->quantise_quad(first + (v * r + k) * stride + h * p.in.w, channels, stride, p.in.w,
+                                       1.0f / a.step, a.low, a.high, a.zero,
+                                       quad + 4 * ((h + g.pad_top) * p.phase_w + g.pad_left));
+            }
         }
     }
     QuantisedInput q;
@@ -481,20 +513,34 @@ void EConvLayer::Impl::fill_phases(const float* x, const ConvPlan& p, float* pha
 // largest input segment norm), or 0 when that is not a finite number. An integer table maps it
 // to the integer range, so one scale serves every strip and no entry saturates; an fp16 table
 // sums its entries in fp16 only below it.
-float EConvLayer::Impl::entry_bound(const ConvPlan& p, const float* phases, int64_t n, int64_t grp) const {
-    const int64_t slots = static_cast<int64_t>(phase_slots.size());
-    const int64_t pixels = p.phase_h * p.phase_w;
+float EConvLayer::Impl::entry_bound(const InputPlanes& planes, int64_t n, int64_t grp) const {
     float bound = 0.0f;
-    for (int64_t s = 0; s < slots; ++s) {
+    for (int64_t s = 0; s < planes.slots; ++s) {
         for (int64_t v = 0; v < rho; ++v) {
-            const int64_t channel = n * p.in.c + grp * depth + v * r;
-            const float* first = phases + (channel * slots + s) * p.plane_stride;
+            const float* first = planes.at(n * planes.image_channels + grp * depth + v * r, s);
             const float largest =
-                kernels->largest_norm2(first, std::min(r, depth - v * r), slots * p.plane_stride, pixels);
+                kernels->largest_norm2(first, std::min(r, depth - v * r), planes.channel_stride, planes.pixels);
             bound = std::max(bound, codeword_norm[v] * std::sqrt(largest));
         }
     }
     return std::isfinite(bound) ? bound : 0.0f;
+}
+
+// What the scale bound reads: x itself when the phase planes are not written, else the planes.
+InputPlanes EConvLayer::Impl::input_planes(const ConvPlan& p, const float* x, const float* phases) const {
+    InputPlanes planes;
+    planes.image_channels = p.in.c;
+    if (p.direct_quantise) {
+        planes.data = x;
+        planes.channel_stride = planes.pixels = p.in.h * p.in.w;
+        return planes;
+    }
+    planes.data = phases;
+    planes.slots = static_cast<int64_t>(phase_slots.size());
+    planes.slot_stride = p.plane_stride;
+    planes.channel_stride = planes.slots * p.plane_stride;
+    planes.pixels = p.phase_h * p.phase_w;
+    return planes;
 }
 
 void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const QuantisedInput* quantised,
@@ -525,11 +571,7 @@ void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const Q
         // from sgemm scratch).
         for (int64_t s = 0; s < slots; ++s) {
             for (int64_t v = v0; v < v1; ++v) {
-                const int64_t channel = n * p.in.c + grp * depth + v * r;
-                const float* src = phases + (channel * slots + s) * p.plane_stride + row0 * p.phase_w;
                 const int64_t first = (s * chunk_rows + base[v] - base[v0]) * p.ld, count = rows[v] * p.ld;
-                const int64_t used = std::min(r, depth - v * r), x_stride = slots * p.plane_stride;
-                const float* segment = codebook.data() + base[v] * r;
                 if (quantised) {
                     const int64_t plane = slots * p.plane_stride;
                     // Segment v's channel quads start v * r4 / 4 quads (of 4 * plane bytes) in.
@@ -542,6 +584,10 @@ void EConvLayer::Impl::run_strip(const ConvPlan& p, const float* phases, const Q
                                       reinterpret_cast<uint8_t*>(table) + first);
                     continue;
                 }
+                const int64_t channel = n * p.in.c + grp * depth + v * r;
+                const float* src = phases + (channel * slots + s) * p.plane_stride + row0 * p.phase_w;
+                const int64_t used = std::min(r, depth - v * r), x_stride = slots * p.plane_stride;
+                const float* segment = codebook.data() + base[v] * r;
                 if (build_table(k, precision, segment, rows[v], r, used, src, x_stride, p.ld, built, 1.0f / scale,
                                 table, first)) {
                     continue;
@@ -657,7 +703,8 @@ void EConvLayer::run(const float* x, const Shape4& in, float* y, float* workspac
     const uintptr_t line = kAlignFloats * sizeof(float), address = reinterpret_cast<uintptr_t>(workspace);
     if (address % sizeof(float)) fail("the workspace must be float-aligned");
     float* phases = workspace + ((line - address % line) % line) / sizeof(float);
-    m.fill_phases(x, p, phases);
+    if (!p.direct_quantise) m.fill_phases(x, p, phases);
+    const InputPlanes planes = m.input_planes(p, x, phases);
 
     const std::shared_ptr<const std::vector<int32_t>> offsets_shared = m.term_offsets(p);
     const std::vector<int32_t>& offsets = *offsets_shared;
@@ -673,7 +720,7 @@ void EConvLayer::run(const float* x, const Shape4& in, float* y, float* workspac
     if (integer || fp16_partial) {
         const float limit = precision == LutPrecision::kInt8 ? 127.0f : 32767.0f;
         for (int64_t u = 0; u < units; ++u) {
-            const float bound = m.entry_bound(p, phases, u / m.geometry.group, u % m.geometry.group);
+            const float bound = m.entry_bound(planes, u / m.geometry.group, u % m.geometry.group);
             if (integer && bound > 0.0f) scales[u] = bound / limit;
             partial[u] = fp16_partial && bound > 0.0f && bound * detail::kFp16PartialTerms <= detail::kFp16Max;
         }
@@ -684,7 +731,7 @@ void EConvLayer::run(const float* x, const Shape4& in, float* y, float* workspac
         auto* bytes = reinterpret_cast<uint8_t*>(phases + p.input_floats);
         const int64_t per_unit = m.rho * m.r4 * static_cast<int64_t>(m.phase_slots.size()) * p.plane_stride;
         for (int64_t u = 0; u < in.n * m.geometry.group; ++u) {
-            quantised.push_back(m.quantise_input(p, phases, u / m.geometry.group, u % m.geometry.group,
+            quantised.push_back(m.quantise_input(p, planes, u / m.geometry.group, u % m.geometry.group,
                                                  bytes + u * per_unit));
         }
     }

@@ -605,14 +605,16 @@ void conv_table_u8s8(const int8_t* codebook, int64_t rows, int64_t r4, const uin
     }
 }
 
-void quantise_quad(const float* src, int64_t channels, int64_t plane, float inv_scale, float low, float high,
-                   float zero, uint8_t* dst) {
+void quantise_quad(const float* src, int64_t channels, int64_t stride, int64_t n, float inv_scale, float low,
+                   float high, float zero, uint8_t* dst) {
     const __m512 inv = _mm512_set1_ps(inv_scale), lo = _mm512_set1_ps(low), hi = _mm512_set1_ps(high);
     const __m512 offset = _mm512_set1_ps(zero);
-    for (int64_t i = 0; i < plane; i += 16) {
+    for (int64_t i = 0; i < n; i += 16) {
+        // The last vector of a row not a multiple of 16 long (VGG 28x28's rows: 16 + 12) is masked.
+        const __mmask16 mask = n - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
         __m512i packed = _mm512_setzero_si512();
         for (int64_t j = 0; j < channels; ++j) {
-            const __m512 value = _mm512_mul_ps(_mm512_loadu_ps(src + j * plane + i), inv);
+            const __m512 value = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, src + j * stride + i), inv);
             const __m512 scaled = _mm512_min_ps(_mm512_max_ps(value, lo), hi);
             // Rounds to nearest even, then adds the zero point.
             const __m512 rounded =
@@ -620,7 +622,7 @@ void quantise_quad(const float* src, int64_t channels, int64_t plane, float inv_
             const __m512i level = _mm512_cvtps_epi32(rounded);
             packed = _mm512_or_si512(packed, _mm512_slli_epi32(level, static_cast<unsigned>(8 * j)));
         }
-        _mm512_storeu_si512(dst + 4 * i, packed);
+        _mm512_mask_storeu_epi32(dst + 4 * i, mask, packed);
     }
 }
 

@@ -207,11 +207,11 @@ struct KernelTable {
     ConvTableFn<uint8_t> conv_table_i8;  ///< stores offset-binary bytes
     /// int8 E-Conv table built from uint8 activations and int8 codewords, or null (no VNNI).
     ConvTableU8S8Fn conv_table_u8s8;
-    /// Its operand layout: dst[4*i + j] = clamp(round(src[j*plane + i] * inv_scale), low, high) + zero
-    /// for i < plane (a multiple of 16), j < channels (<= 4); 0 for j >= channels. Non-null with
+    /// Its operand layout: dst[4*i + j] = clamp(round(src[j*stride + i] * inv_scale), low, high) + zero
+    /// for i < n, j < channels (<= 4); 0 for j >= channels; nothing past dst[4*n). Non-null with
     /// conv_table_u8s8.
-    void (*quantise_quad)(const float* src, int64_t channels, int64_t plane, float inv_scale, float low, float high,
-                          float zero, uint8_t* dst);
+    void (*quantise_quad)(const float* src, int64_t channels, int64_t stride, int64_t n, float inv_scale, float low,
+                          float high, float zero, uint8_t* dst);
     /// Smallest and largest of src[0..n); non-null with conv_table_u8s8.
     void (*min_max)(const float* src, int64_t n, float* low, float* high);
 };
