@@ -490,6 +490,13 @@ void EConvLayer::Impl::fill_phases(const float* x, const ConvPlan& p, float* pha
         for (int64_t s = 0; s < slots; ++s) {
             float* plane = phases + (ch * slots + s) * p.plane_stride;
             std::memset(plane, 0, static_cast<size_t>(p.plane_stride) * sizeof(float));
+            if (g.stride_h == 1 && g.stride_w == 1) {
+                // One kernel call per channel: a memcpy call per row was ~2% of LeNet conv2 fp16
+                // (its rows are 64 bytes).
+                kernels->copy_rows(src, p.in.w, plane + g.pad_top * p.phase_w + g.pad_left, p.phase_w, p.in.h, p.in.w,
+                                   false);
+                continue;
+            }
             const int64_t a = phase_slots[s] / g.stride_w, b = phase_slots[s] % g.stride_w;
             for (int64_t i = 0; i < p.phase_h; ++i) {
                 const int64_t h = i * g.stride_h + a - g.pad_top;
