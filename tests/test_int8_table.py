@@ -57,6 +57,27 @@ def test_simulated_conv_is_the_native_int8_kernel(case, signed, peak):
 
 
 @needs_vnni
+@pytest.mark.parametrize("width", [3, 15, 16, 17, 33])
+@pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 2, 0, 3)])
+def test_unit_stride_layers_quantise_rows_of_any_width(width, pads):
+    # With unit strides the uint8 operands are quantised row by row straight from the input, the
+    # last vector of a row masked, into padding that holds the zero point's byte.
+    rng = np.random.default_rng(width)
+    depth, p, r, codewords = 11, 5, 4, 13
+    codebook, codes, offsets = random_encoding(rng, (p, 3, 3), depth, r, codewords)
+    bias = rng.standard_normal(p).astype(np.float32)
+    for x in (rng.standard_normal((2, depth, 5, width)), np.maximum(rng.standard_normal((2, depth, 5, width)), 0)):
+        x = x.astype(np.float32)
+        for peak in (0.0, 2.5):
+            native = EConv(codebook, codes, offsets, depth, bias, (1, 1), pads, lut="int8", isa="avx512",
+                           input_scale=peak / 127)(x)
+            cb, cd, off, b, xt = tensors(codebook, codes, offsets, bias, x)
+            simulated = econv_int8(cb, cd, off, depth, b, xt, strides=(1, 1), pads=pads, dilations=(1, 1), group=1,
+                                   peak=peak, use_native=False).numpy()
+            assert relative_rms(simulated, native) < 1e-6
+
+
+@needs_vnni
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("case", FC_CASES)
 def test_simulated_fc_is_the_native_int8_kernel(case, signed):
