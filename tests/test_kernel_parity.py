@@ -152,6 +152,18 @@ def test_int8_input_scale_sets_the_activation_quantisation():
     assert relative_rms(per_call, expected) <= TOLERANCE["int8"] < relative_rms(clipped, expected)
 
 
+@pytest.mark.parametrize("scale", [-1.0, float("nan"), float("inf"), 1e-40, 2e30])
+def test_layers_refuse_an_input_scale_they_cannot_invert(scale):
+    rng = np.random.default_rng(3)
+    codebook, codes, offsets = random_encoding(rng, (4, 3, 3), 8, 4, 16)
+    with pytest.raises(KernelInputError, match="input_scale must be 0 or between 1e-30 and 1e30"):
+        EConv(codebook, codes, offsets, 8, np.zeros(4, np.float32), (1, 1), (1, 1, 1, 1), lut="int8",
+              input_scale=scale)
+    codebook, codes, offsets = random_encoding(rng, (4,), 8, 4, 16)
+    with pytest.raises(KernelInputError, match="input_scale must be 0 or between 1e-30 and 1e30"):
+        EGemm(codebook, codes, offsets, 8, np.zeros(4, np.float32), lut="int8", input_scale=scale)
+
+
 @pytest.mark.skipif("avx512" not in ISAS, reason="the quantised-activation (VNNI) int8 build needs AVX-512 VNNI")
 def test_int8_fc_input_scale_sets_the_activation_quantisation(fc_cases):
     layer_args, x, expected = fc_cases["byte-permute-relu"]

@@ -151,6 +151,14 @@ def test_segment_codewords_disagree_with_offsets(packed):
     load_fails(join(header, blob), "segment_codewords")
 
 
+@pytest.mark.parametrize("scale", [-1.0, 1e-40, 1e31, "0.5", None])
+def test_bad_input_scale(packed, scale):
+    # 1e-40 is a float32 whose inverse is infinite: it would quantise zeros as NaN.
+    header, blob = split(packed)
+    header["elayers"]["m0.conv"]["input_scale"] = scale
+    load_fails(join(header, blob), "input_scale must be 0 or between 1e-30 and 1e30")
+
+
 @pytest.mark.parametrize("shape", [[-4, 2], [1 << 40, 1 << 40], [1 << 62, 2]])
 def test_negative_or_absurd_dimensions(packed, shape):
     header, blob = split(packed)

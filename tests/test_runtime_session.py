@@ -448,6 +448,23 @@ def test_calibrated_int8_ranges_are_used_as_quantisation_steps(tmp_path):
         assert error < 0.05, (name, error)
 
 
+def test_int8_ranges_too_small_to_invert_fall_back_to_each_calls_range(merged):
+    """A recorded range whose step 1/step overflows (an E-layer input that was ~0 throughout
+    calibration) is packed as 0, each call's own range, instead of making the file unloadable."""
+    model = onnx.ModelProto()
+    model.CopyFrom(merged["lenet_pair"])
+    nodes = [n.name for n in model.graph.node if n.domain == "ai.neuralmerge"]
+    tiny = onnx.StringStringEntryProto(key="neuralmerge.int8_scales", value=json.dumps({n: 1e-35 for n in nodes}))
+    props = [p for p in model.metadata_props if p.key != "neuralmerge.int8_scales"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(props)
+    reference = Session(pack_model(model), lut="int8")  # no recorded ranges at all
+    model.metadata_props.append(tiny)
+    feeds = feeds_for(model, 2)
+    got, expected = Session(pack_model(model), lut="int8").run(feeds), reference.run(feeds)
+    assert all(np.array_equal(got[k], expected[k]) for k in expected)
+
+
 def test_profile_times_every_node_of_every_run(merged):
     model = merged["lenet_pair"]
     names = {node.name for node in model.graph.node}

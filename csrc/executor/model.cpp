@@ -10,6 +10,8 @@
 #include <tuple>
 #include <unordered_set>
 
+#include "../kernels/lut_internal.h"
+
 namespace neuralmerge::detail {
 namespace {
 
@@ -70,29 +72,6 @@ DType parse_dtype(const std::string& name, const std::string& where) {
     if (name == "uint8") return DType::kUInt8;
     if (name == "uint16") return DType::kUInt16;
     model_error(where + " has unsupported dtype '" + name + "'");
-}
-
-// IEEE half -> float, by bits: the runtime may not assume F16C.
-float half_to_float(uint16_t h) {
-    const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-    uint32_t exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF, bits;
-    if (exponent == 0x1F) {
-        bits = sign | 0x7F800000 | (mantissa << 13);
-    } else if (exponent != 0) {
-        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    } else if (mantissa == 0) {
-        bits = sign;
-    } else {  // subnormal: normalise
-        exponent = 113;
-        while (!(mantissa & 0x400)) {
-            mantissa <<= 1;
-            --exponent;
-        }
-        bits = sign | (exponent << 23) | ((mantissa & 0x3FF) << 13);
-    }
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
 }
 
 TensorInfo read_io(const json::Value& v, const std::string& where) {
@@ -330,8 +309,9 @@ std::shared_ptr<const PackedModel> read_pack(std::shared_ptr<unsigned char> byte
                 e.segment_codewords = int_list(*codewords, where + " segment_codewords");
             }
             if (const json::Value* scale = info.find("input_scale")) {
-                if (!scale->is_number() || !(scale->as_double() >= 0.0) || scale->as_double() > 1e30) {
-                    model_error(where + ": input_scale must be a finite number >= 0");
+                const double value = scale->is_number() ? scale->as_double() : -1.0;
+                if (!(value >= 0.0 && value <= 1e30) || !valid_input_scale(static_cast<float>(value))) {
+                    model_error(where + ": input_scale must be 0 or between 1e-30 and 1e30");
                 }
                 e.input_scale = static_cast<float>(scale->as_double());
             }

@@ -1,5 +1,7 @@
 // Runtime choice of the kernel table by CPU feature (as faiss does): the library is built for
 // baseline x86-64 and the AVX2 / AVX-512 kernels are compiled with function-level targets.
+// Also the few portable helpers every ISA's layers share (half floats, the input_scale check).
+#include <cstdio>
 #include <cstring>
 #include <stdexcept>
 #if defined(__x86_64__)
@@ -91,6 +93,13 @@ uint16_t float_to_half(float value) {
     const uint32_t rest = abs & 0x1fffu;
     if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;
     return static_cast<uint16_t>(sign | half);
+}
+
+void require_valid_input_scale(float scale) {
+    if (valid_input_scale(scale)) return;
+    char value[32];
+    std::snprintf(value, sizeof value, "%g", static_cast<double>(scale));
+    throw std::invalid_argument(std::string("input_scale must be 0 or between 1e-30 and 1e30, got ") + value);
 }
 
 float half_to_float(uint16_t bits) {

@@ -233,7 +233,7 @@ EConvLayer::EConvLayer(const EncodedWeight& weight, const ConvGeometry& g, const
     : impl_(std::make_unique<Impl>()) {
     Impl& m = *impl_;
     if (opt.threads < 1) fail("threads must be at least 1, got " + std::to_string(opt.threads));
-    if (!(opt.input_scale >= 0.0f) || !std::isfinite(opt.input_scale)) fail("input_scale must be finite and >= 0");
+    detail::require_valid_input_scale(opt.input_scale);
     const std::vector<float> widened = widened_codebook(weight);
     EncodedWeight w = weight;
     if (!widened.empty()) w.codebook = widened.data();

@@ -79,6 +79,7 @@ EGemmLayer::EGemmLayer(const EncodedWeight& weight, const LutOptions& opt) : imp
     Impl& m = *impl_;
     if (weight.kernel_h != 1 || weight.kernel_w != 1) fail("an fc layer has a 1x1 kernel");
     if (opt.threads < 1) fail("threads must be at least 1, got " + std::to_string(opt.threads));
+    detail::require_valid_input_scale(opt.input_scale);
     std::vector<float> widened;
     EncodedWeight w = weight;
     if (!w.codebook && w.codebook_fp16 && w.codebook_rows > 0 && w.segment_length > 0) {

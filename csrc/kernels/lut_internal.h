@@ -111,6 +111,12 @@ using ConvTableU8S8Fn = void (*)(const int8_t* codebook, int64_t rows, int64_t r
                                  int64_t x_stride, int64_t ld, int64_t pixels, const int32_t* correction,
                                  float requant, uint8_t* out);
 
+/// A calibrated int8 activation step a layer accepts: 0 (none: each call's range) or a step
+/// whose inverse is finite (a step below ~3e-39 made 1/step infinity and quantised zeros as NaN).
+inline bool valid_input_scale(float scale) { return scale == 0.0f || (scale >= 1e-30f && scale <= 1e30f); }
+/// Throws std::invalid_argument naming the value unless valid_input_scale(scale).
+void require_valid_input_scale(float scale);
+
 /// The ONNX Relu of one value, as the executor's Relu op computes it (x > 0 ? x : 0).
 inline float relu_of(float x) { return x > 0.0f ? x : 0.0f; }
 

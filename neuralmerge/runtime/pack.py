@@ -261,7 +261,10 @@ def _elayer_specs(nodes: list, metadata: dict[str, str]) -> dict:
             # The metadata holds the largest |input| seen in calibration; the kernels want the
             # quantisation step. /127 fits both of their modes (uint8 for inputs >= 0, int8 around
             # a zero point otherwise): the sign of an input is only known at run time.
-            spec["input_scale"] = float(scales[node.name]) / 127.0
+            step = float(scales[node.name]) / 127.0
+            # A step too small to invert (an input that was ~0 throughout calibration) would be
+            # refused at load; 0 has the kernels take each call's own range instead.
+            spec["input_scale"] = step if step >= 1e-30 else 0.0
         if spec:
             specs[node.name] = spec
     return specs
