@@ -459,21 +459,22 @@ QuantisedInput EConvLayer::Impl::quantise_input(const ConvPlan& p, const InputPl
         // codeword_sum leaves them out, so what they hold never reaches a table entry.
         std::memset(out, static_cast<int>(a.zero), static_cast<size_t>(rho * r4 * plane));
     }
+    const float inv_step = 1.0f / a.step;
+    // Where input row 0 of a channel quad lands in its plane: the planes hold the padded input.
+    const int64_t row0 = p.direct_quantise ? geometry.pad_top * p.phase_w + geometry.pad_left : 0;
     for (int64_t v = 0; v < rho; ++v) {
         const int64_t used = std::min(r, depth - v * r);
         for (int64_t k = 0; k < r4; k += 4) {
             const int64_t channels = std::clamp<int64_t>(used - k, 0, 4);
+            const float* src = first + (v * r + k) * stride;
             uint8_t* quad = out + (v * r4 + k) * plane;
             if (!p.direct_quantise) {
-                kernels->quantise_quad(first + (v * r + k) * stride, channels, stride, plane, 1.0f / a.step, a.low,
-                                       a.high, a.zero, quad);
+                kernels->quantise_quad(src, channels, stride, plane, inv_step, a.low, a.high, a.zero, quad);
                 continue;
             }
-            const ConvGeometry& g = geometry;
             for (int64_t h = 0; h < p.in.h; ++h) {
-                kernels->quantise_quad(first + (v * r + k) * stride + h * p.in.w, channels, stride, p.in.w,
-                                       1.0f / a.step, a.low, a.high, a.zero,
-                                       quad + 4 * ((h + g.pad_top) * p.phase_w + g.pad_left));
+                kernels->quantise_quad(src + h * p.in.w, channels, stride, p.in.w, inv_step, a.low, a.high, a.zero,
+                                       quad + 4 * (row0 + h * p.phase_w));
             }
         }
     }

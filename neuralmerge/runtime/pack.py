@@ -36,6 +36,8 @@ _PREFIX = struct.Struct("<8sIIQQ")
 _DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(np.int64): "int64",
            np.dtype(np.uint8): "uint8", np.dtype(np.uint16): "uint16"}
 _ELAYER_DOMAIN = "ai.neuralmerge"
+# The runtime's smallest int8 input_scale but 0 (valid_input_scale in csrc/kernels/lut_internal.h).
+_SMALLEST_INPUT_SCALE = 1e-30
 
 
 class ModelError(NeuralMergeError, ValueError):
@@ -264,7 +266,7 @@ def _elayer_specs(nodes: list, metadata: dict[str, str]) -> dict:
             step = float(scales[node.name]) / 127.0
             # A step too small to invert (an input that was ~0 throughout calibration) would be
             # refused at load; 0 has the kernels take each call's own range instead.
-            spec["input_scale"] = step if step >= 1e-30 else 0.0
+            spec["input_scale"] = step if step >= _SMALLEST_INPUT_SCALE else 0.0
         if spec:
             specs[node.name] = spec
     return specs
